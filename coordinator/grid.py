@@ -1,0 +1,175 @@
+"""Flower's ``Grid`` over fedtrain's gRPC transport.
+
+Flower strategies (``FedAvg.start()`` and friends) talk to nodes only through a
+``Grid``. ``NetworkGrid`` implements it with a ``Mailbox``: pushed messages wait
+there until their node polls for them, and replies arrive there from the node's
+upload. The strategy loop runs unchanged on top.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fedtrain.client_app import arrays_to_numpy
+from fedtrain.protocol.codec import TensorInfo, manifest_of
+from coordinator.store import Store
+
+# A node counts as connected while it has polled within this many seconds.
+NODE_LIVENESS_SECONDS = 30.0
+
+
+class JobCancelled(Exception):
+    """Raised into the strategy loop when its job can no longer run."""
+
+
+@dataclass
+class Task:
+    task_id: str
+    job_id: str
+    node_id: int
+    round: int
+    message: Message
+    arrays: dict[str, np.ndarray]
+    manifest: dict[str, TensorInfo] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.manifest = manifest_of(self.arrays)
+
+
+class Mailbox:
+    """Tasks waiting for their nodes, and the replies waiting for their strategy loop."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queues: dict[int, deque[str]] = {}
+        self._tasks: dict[str, Task] = {}
+        self._replies: dict[str, Message] = {}
+
+    def post(self, task: Task) -> None:
+        with self._cond:
+            self._tasks[task.task_id] = task
+            self._queues.setdefault(task.node_id, deque()).append(task.task_id)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake waiting polls, e.g. because a new job can be offered."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+    def take(self, node_id: int) -> Task | None:
+        with self._cond:
+            queue = self._queues.get(node_id)
+            while queue:
+                task = self._tasks.get(queue.popleft())
+                if task is not None:
+                    return task
+            return None
+
+    def task(self, task_id: str) -> Task | None:
+        with self._cond:
+            return self._tasks.get(task_id)
+
+    def reply(self, task_id: str, message: Message) -> bool:
+        """Store a reply; False when the task is unknown, expired or already answered."""
+        with self._cond:
+            if task_id not in self._tasks or task_id in self._replies:
+                return False
+            self._replies[task_id] = message
+            self._cond.notify_all()
+            return True
+
+    def wait_replies(self, task_ids: set[str], timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not task_ids <= self._replies.keys():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                self._cond.wait(remaining)
+
+    def collect(self, task_ids: Iterable[str]) -> list[Message]:
+        """Pop the replies that have arrived; their tasks are done."""
+        with self._cond:
+            out = []
+            for tid in task_ids:
+                if tid in self._replies:
+                    out.append(self._replies.pop(tid))
+                    del self._tasks[tid]
+            return out
+
+    def expire(self, task_ids: Iterable[str]) -> None:
+        """Forget unanswered tasks, so that late results are refused."""
+        with self._cond:
+            for tid in task_ids:
+                self._tasks.pop(tid, None)
+                self._replies.pop(tid, None)
+
+
+class NetworkGrid(Grid):
+    """The ``Grid`` of one job: its nodes are those that accepted the job and are connected."""
+
+    def __init__(self, job_id: str, store: Store, mailbox: Mailbox, run_id: int, cancelled: threading.Event):
+        self.job_id = job_id
+        self.store = store
+        self.mailbox = mailbox
+        self.cancelled = cancelled
+        self._run = Run.create_empty(run_id)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        # Flower's sampler polls this while it waits for enough nodes; cancellation
+        # has to reach into that loop from here.
+        if self.cancelled.is_set():
+            raise JobCancelled(f"job {self.job_id} was cancelled")
+        return self.store.accepted_nodes(self.job_id, seen_since=time.time() - NODE_LIVENESS_SECONDS)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            task_id = uuid.uuid4().hex
+            # Flower derives message ids on its own links; ours are the task ids.
+            msg.metadata.__dict__["_message_id"] = task_id
+            round = int(msg.content["config"]["server-round"])
+            self.mailbox.post(
+                Task(task_id, self.job_id, msg.metadata.dst_node_id, round, msg,
+                     arrays_to_numpy(msg.content["arrays"]))
+            )
+            ids.append(task_id)
+        if ids:
+            self.store.set_job_state(self.job_id, "running")
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.mailbox.collect(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        ids = set(self.push_messages(messages))
+        self.mailbox.wait_replies(ids, timeout)
+        replies = self.mailbox.collect(ids)
+        self.mailbox.expire(ids)
+        return replies

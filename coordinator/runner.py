@@ -1,0 +1,107 @@
+"""Running one job: a Flower strategy's own ``start()`` loop over a ``NetworkGrid``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
+from fedtrain.data import Table
+from fedtrain.models.tabular import build_model, initial_state, load_numpy_state
+from fedtrain.spec import JobSpec
+from fedtrain.training import evaluate
+from coordinator.grid import Mailbox, NetworkGrid
+from coordinator.store import Store
+
+log = logging.getLogger("fedtrain.coordinator")
+
+STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+
+
+def build_strategy(spec: JobSpec, on_too_few: Callable[[int, int], None]) -> Strategy:
+    """The job's Flower strategy, made to skip rounds with fewer than ``min_nodes`` results.
+
+    Federated evaluation is off: per-node metrics on local data would leave the
+    node without DP. The global model is evaluated centrally instead.
+    """
+    base = STRATEGIES[spec.strategy.name]
+
+    class MinNodes(base):  # type: ignore[misc, valid-type]
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+            replies = list(replies)
+            ok = sum(not r.has_error() for r in replies)
+            if ok < spec.min_nodes:
+                on_too_few(server_round, ok)
+                return None, None
+            return super().aggregate_train(server_round, replies)
+
+    try:
+        return MinNodes(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=spec.min_nodes,
+            min_available_nodes=spec.min_nodes,
+            **spec.strategy.params,
+        )
+    except TypeError as err:
+        raise ValueError(f"strategy {spec.strategy.name!r} does not take these params: {err}") from None
+
+
+class JobRunner(threading.Thread):
+    def __init__(
+        self, job_id: str, spec: JobSpec, store: Store, mailbox: Mailbox, run_id: int, eval_table: Table | None
+    ):
+        super().__init__(name=f"job-{job_id}", daemon=True)
+        self.job_id = job_id
+        self.spec = spec
+        self.store = store
+        self.cancelled = threading.Event()
+        self.grid = NetworkGrid(job_id, store, mailbox, run_id, self.cancelled)
+        self.eval_table = eval_table
+        self._round_started = time.monotonic()
+        self._short_rounds: dict[int, str] = {}
+
+    def _too_few(self, server_round: int, ok: int) -> None:
+        msg = f"only {ok} node result(s), fewer than min_nodes={self.spec.min_nodes}; global model unchanged"
+        log.warning("job %s round %d: %s", self.job_id, server_round, msg)
+        self._short_rounds[server_round] = msg
+
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Called by the strategy after every round (and for round 0): evaluate and persist."""
+        weights = arrays_to_numpy(arrays)
+        metrics: dict[str, float] = {}
+        if self.eval_table is not None:
+            model = build_model(self.spec)
+            load_numpy_state(model, weights)
+            metrics = evaluate(model, self.eval_table)
+        wall = time.monotonic() - self._round_started
+        self.store.finish_round(self.job_id, server_round, metrics, wall if server_round else 0.0, weights)
+        self._round_started = time.monotonic()
+        log.info("job %s round %d done: %s", self.job_id, server_round, metrics or "(no evaluation data)")
+        return MetricRecord(metrics) if metrics else None
+
+    def run(self) -> None:
+        strategy = None
+        try:
+            strategy = build_strategy(self.spec, self._too_few)
+            strategy.start(
+                grid=self.grid,
+                initial_arrays=numpy_to_arrays(initial_state(self.spec)),
+                num_rounds=self.spec.training.rounds,
+                timeout=self.spec.round_timeout,
+                evaluate_fn=self._checkpoint,
+            )
+            failed = len(self._short_rounds) == self.spec.training.rounds
+            self.store.set_job_state(
+                self.job_id,
+                "failed" if failed else "finished",
+                "; ".join(f"round {r}: {m}" for r, m in sorted(self._short_rounds.items())),
+            )
+        except Exception as err:  # the job fails, the coordinator keeps serving
+            log.exception("job %s failed", self.job_id)
+            self.store.set_job_state(self.job_id, "failed", f"{type(err).__name__}: {err}")

@@ -1,0 +1,246 @@
+"""The coordinator's gRPC services: NodeService for nodes, JobService for operators,
+plus the standard health and reflection services."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from flwr.app import Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fedtrain.client_app import numpy_to_arrays
+from fedtrain.data import load_table
+from fedtrain.errors import SpecError, WireError
+from fedtrain.protocol import fedtrain_pb2 as pb
+from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
+from fedtrain.protocol.codec import (
+    GRPC_OPTIONS, PROTOCOL_VERSION, decode_arrays, decode_values, encode_arrays, encode_values, require_finite,
+)
+from fedtrain.spec import job_spec_from_json
+from coordinator.grid import Mailbox
+from coordinator.runner import JobRunner
+from coordinator.store import Store
+
+log = logging.getLogger("fedtrain.coordinator")
+
+MAX_POLL_SECONDS = 30.0
+_DECISIONS = {
+    pb.OfferAnswer.ACCEPTED: "accepted",
+    pb.OfferAnswer.REFUSED: "refused",
+    pb.OfferAnswer.PENDING_APPROVAL: "pending_approval",
+}
+# Flower error code carried by a node's refusal (Flower reserves small codes for itself).
+REFUSAL_CODE = 100
+
+
+class Coordinator:
+    """State shared by both services: the store, the mailbox and the running jobs."""
+
+    def __init__(self, state_dir: Path):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(state_dir / "coordinator.db")
+        self.store.fail_interrupted_jobs()
+        self.mailbox = Mailbox()
+        self.runners: dict[str, JobRunner] = {}
+        # Flower stamps messages with a process-wide task identity; the coordinator plays
+        # the server's role in every job.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+    def submit(self, spec_json: str) -> str:
+        spec = job_spec_from_json(spec_json, source="submitted job spec")
+        # Read the evaluation table before storing anything, so a bad path stores no job.
+        eval_table = (
+            load_table(spec.evaluation.data, spec.data, spec.model.num_classes) if spec.evaluation else None
+        )
+        job_id = self.store.create_job(spec.name, spec.canonical_json())
+        runner = JobRunner(job_id, spec, self.store, self.mailbox, len(self.runners) + 1, eval_table)
+        self.runners[job_id] = runner
+        runner.start()
+        self.mailbox.wake()
+        return job_id
+
+    def stop(self) -> None:
+        for runner in self.runners.values():
+            runner.cancelled.set()
+        self.mailbox.wake()
+
+    def job_status(self, job_id: str) -> pb.JobStatus | None:
+        job = self.store.job(job_id)
+        if job is None:
+            return None
+        spec = job_spec_from_json(job.spec_json)
+        status = pb.JobStatus(
+            job_id=job.id, name=job.name, state=job.state, error=job.error,
+            rounds_total=spec.training.rounds, spec_json=job.spec_json,
+        )
+        for node_id, name, decision, reason in self.store.decisions(job_id):
+            status.nodes.add(node_id=node_id, name=name, decision=decision, reason=reason)
+        for round, metrics, wall in self.store.rounds(job_id):
+            r = status.rounds.add(round=round, metrics=metrics, wall_seconds=wall)
+            for node_id, name, node_metrics, refusal, nbytes in self.store.node_rounds(job_id, round):
+                r.nodes.add(node_id=node_id, name=name, metrics=encode_values(node_metrics),
+                            refusal=refusal, bytes_received=nbytes)
+        return status
+
+
+def _known_node(coord: Coordinator, node_id: int, context: grpc.ServicerContext) -> str:
+    name = coord.store.node_name(node_id)
+    if name is None:
+        context.abort(grpc.StatusCode.NOT_FOUND, f"unknown node id {node_id}: call Register first")
+    return name
+
+
+class NodeServicer(pb_grpc.NodeServiceServicer):
+    def __init__(self, coord: Coordinator):
+        self.c = coord
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+        if request.protocol_version != PROTOCOL_VERSION:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol {request.protocol_version!r} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
+            )
+        name = request.name
+        if not (0 < len(name) <= 128 and name.replace("-", "").replace("_", "").replace(".", "").isalnum()):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node name {name!r} must be 1-128 of [A-Za-z0-9_.-]")
+        node_id = self.c.store.register_node(name)
+        log.info("node %s registered as %d", name, node_id)
+        return pb.RegisterReply(node_id=node_id)
+
+    def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollReply:
+        _known_node(self.c, request.node_id, context)
+        deadline = time.monotonic() + min(max(request.wait_seconds, 0.0), MAX_POLL_SECONDS)
+        while True:
+            self.c.store.touch_node(request.node_id)
+            job = self.c.store.next_offer(request.node_id)
+            if job is not None:
+                return pb.PollReply(offer=pb.JobOffer(job_id=job.id, spec_json=job.spec_json))
+            task = self.c.mailbox.take(request.node_id)
+            if task is not None:
+                config = {k: v for k, v in task.message.content["config"].items() if not isinstance(v, (list, bytes))}
+                return pb.PollReply(task=pb.TaskHeader(
+                    task_id=task.task_id, job_id=task.job_id, round=task.round,
+                    message_type=task.message.metadata.message_type, config=encode_values(config),
+                ))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not context.is_active():
+                return pb.PollReply()
+            self.c.mailbox.wait(min(remaining, 1.0))
+
+    def AnswerOffer(self, request: pb.OfferAnswer, context: grpc.ServicerContext) -> pb.Ack:
+        name = _known_node(self.c, request.node_id, context)
+        if self.c.store.job(request.job_id) is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+        decision = _DECISIONS.get(request.decision)
+        if decision is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "decision must be ACCEPTED, REFUSED or PENDING_APPROVAL")
+        self.c.store.set_decision(request.job_id, request.node_id, decision, request.reason[:2000])
+        log.info("node %s: %s job %s (%s)", name, decision, request.job_id, request.reason)
+        return pb.Ack()
+
+    def FetchArrays(self, request: pb.FetchRequest, context: grpc.ServicerContext):
+        _known_node(self.c, request.node_id, context)
+        task = self.c.mailbox.task(request.task_id)
+        if task is None or task.node_id != request.node_id:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no open task {request.task_id!r} for node {request.node_id}")
+        yield from encode_arrays(task.arrays)
+
+    def SubmitResult(self, request_iterator, context: grpc.ServicerContext) -> pb.Ack:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a result stream must start with a ResultHeader")
+        header = first.header
+        _known_node(self.c, header.node_id, context)
+        task = self.c.mailbox.task(header.task_id)
+        if task is None or task.node_id != header.node_id:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no open task {header.task_id!r} for node {header.node_id} (unknown, answered, or past its deadline)",
+            )
+        metrics: dict = {}
+        nbytes = first.ByteSize()
+        try:
+            metrics = decode_values(header.metrics)
+            if header.refusal:
+                reply = Message(Error(code=REFUSAL_CODE, reason=header.refusal), reply_to=task.message)
+            else:
+                chunks = []
+                for part in request_iterator:
+                    if part.WhichOneof("part") != "tensor":
+                        raise WireError("only tensor chunks may follow the ResultHeader")
+                    nbytes += part.ByteSize()
+                    chunks.append(part.tensor)
+                max_bytes = sum(i.nbytes for i in task.manifest.values())
+                arrays = decode_arrays(chunks, expected=task.manifest, max_total_bytes=max_bytes)
+                require_finite(arrays)
+                if not isinstance(metrics.get("num-examples"), int) or metrics["num-examples"] < 1:
+                    raise WireError("metrics must include a positive integer 'num-examples'")
+                numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                reply = Message(
+                    RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": MetricRecord(numeric)}),
+                    reply_to=task.message,
+                )
+        except WireError as err:
+            # The round goes on without this node; the node learns exactly what was wrong.
+            refusal = f"rejected by coordinator: {err}"
+            self.c.store.record_node_round(task.job_id, task.round, header.node_id, metrics, refusal, nbytes)
+            self.c.mailbox.reply(task.task_id, Message(Error(code=REFUSAL_CODE, reason=refusal), reply_to=task.message))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if not self.c.mailbox.reply(task.task_id, reply):
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"task {task.task_id} already has a result")
+        self.c.store.record_node_round(task.job_id, task.round, header.node_id, metrics, header.refusal, nbytes)
+        return pb.Ack()
+
+
+class JobServicer(pb_grpc.JobServiceServicer):
+    def __init__(self, coord: Coordinator):
+        self.c = coord
+
+    def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.SubmitJobReply:
+        try:
+            return pb.SubmitJobReply(job_id=self.c.submit(request.spec_json))
+        except (SpecError, ValueError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobStatus:
+        status = self.c.job_status(request.job_id)
+        if status is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}; `fedtrain job status` lists jobs")
+        return status
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsReply:
+        return pb.ListJobsReply(jobs=[self.c.job_status(j.id) for j in self.c.store.jobs()])
+
+    def FetchModel(self, request: pb.GetJobRequest, context: grpc.ServicerContext):
+        if self.c.store.job(request.job_id) is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+        latest = self.c.store.latest_model(request.job_id)
+        if latest is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job {request.job_id} has no model yet")
+        yield from encode_arrays(latest[1])
+
+
+def serve(state_dir: Path, host: str = "127.0.0.1", port: int = 0, workers: int = 32) -> tuple[grpc.Server, int, Coordinator]:
+    """Start the coordinator; returns the server, the bound port and the shared state."""
+    coord = Coordinator(state_dir)
+    # Each connected node holds one worker during its long poll: size the pool for the consortium.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
+    pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(coord), server)
+    pb_grpc.add_JobServiceServicer_to_server(JobServicer(coord), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("NodeService", "JobService")]
+    for name in ["", *names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, bound, coord

@@ -1,0 +1,3 @@
+from fedtrain.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""The `fedtrain` command line.
+
+`coordinator` and `node` command groups come from the services installed next to
+the library (entry point group ``fedtrain.commands``); the library itself holds the
+operator's `job` commands and the `demo`.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from fedtrain.client import CoordinatorClient
+from fedtrain.console import console
+from fedtrain.errors import FedtrainError
+from fedtrain.protocol import fedtrain_pb2 as pb
+from fedtrain.protocol.codec import decode_values
+
+app = typer.Typer(help="fedtrain: federated training with DP-SGD on data that never leaves its owner.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+job_app = typer.Typer(help="Submit and follow jobs on a coordinator.", no_args_is_help=True)
+app.add_typer(job_app, name="job")
+
+COORDINATOR = typer.Option("127.0.0.1:7443", "--coordinator", "-c", help="HOST:PORT of the coordinator.")
+DONE_STATES = ("finished", "failed")
+
+
+def status_table(status: pb.JobStatus) -> Table:
+    """Rounds of a job: global evaluation, per-node epsilon and refusals."""
+    table = Table(title=f"job {status.job_id} ({status.name}): {status.state}")
+    for col in ("round", "accuracy", "loss", "nodes ok", "seconds", "epsilon per node"):
+        table.add_column(col)
+    for r in status.rounds:
+        ok = [n for n in r.nodes if not n.refusal]
+        eps = ", ".join(f"{n.name}={decode_values(n.metrics).get('epsilon', 0.0):.3f}" for n in ok)
+        table.add_row(str(r.round), f"{r.metrics.get('accuracy', float('nan')):.4f}",
+                      f"{r.metrics.get('loss', float('nan')):.4f}", f"{len(ok)}/{len(r.nodes)}" if r.round else "-",
+                      f"{r.wall_seconds:.1f}", eps)
+    return table
+
+
+def decisions_table(status: pb.JobStatus) -> Table:
+    table = Table(title="node decisions")
+    for col in ("node", "decision", "reason"):
+        table.add_column(col)
+    for n in status.nodes:
+        table.add_row(n.name, n.decision, n.reason)
+    for r in status.rounds:
+        for n in r.nodes:
+            if n.refusal:
+                table.add_row(n.name, f"refused round {r.round}", n.refusal)
+    return table
+
+
+@job_app.command("submit")
+def job_submit(
+    spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="The job spec (YAML)."),
+    coordinator: str = COORDINATOR,
+    wait: bool = typer.Option(False, help="Follow the job until it finishes."),
+) -> None:
+    """Validate a job spec and submit it; prints the job id."""
+    with CoordinatorClient(coordinator) as client:
+        job_id = client.submit(spec)
+        console.print(job_id)
+        if wait:
+            status = follow(client, job_id)
+            if status.state != "finished":
+                raise typer.Exit(1)
+
+
+@job_app.command("status")
+def job_status(
+    job_id: str = typer.Argument(None, help="A job id; without it, every job is listed."),
+    coordinator: str = COORDINATOR,
+) -> None:
+    """Show a job's rounds, accuracy, per-node epsilon and any refusals (or list all jobs)."""
+    with CoordinatorClient(coordinator) as client:
+        if job_id is None:
+            table = Table(title="jobs")
+            for col in ("job", "name", "state", "rounds", "error"):
+                table.add_column(col)
+            for s in client.jobs():
+                done = max((r.round for r in s.rounds), default=0)
+                table.add_row(s.job_id, s.name, s.state, f"{done}/{s.rounds_total}", s.error)
+            console.print(table)
+            return
+        status = client.status(job_id)
+        console.print(status_table(status))
+        console.print(decisions_table(status))
+        if status.error:
+            console.print(f"[yellow]{status.error}[/yellow]")
+
+
+def follow(client: CoordinatorClient, job_id: str, poll: float = 0.5) -> pb.JobStatus:
+    """Show a progress bar until the job finishes or fails; returns the final status."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    status = client.status(job_id)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        bar = progress.add_task(f"job {job_id}", total=status.rounds_total)
+        while True:
+            status = client.status(job_id)
+            done = max((r.round for r in status.rounds), default=0)
+            last = status.rounds[-1].metrics.get("accuracy") if status.rounds else None
+            accepted = sum(n.decision == "accepted" for n in status.nodes)
+            detail = f"{status.state}, {accepted} node(s) accepted" + (f", accuracy {last:.3f}" if last else "")
+            progress.update(bar, completed=done, description=f"job {job_id} ({detail})")
+            if status.state in DONE_STATES:
+                return status
+            time.sleep(poll)
+
+
+def _demo(out: Path = typer.Option(Path("out/demo"), help="Directory for report.json, report.png and all state."),
+          rounds: int = typer.Option(5, help="Federated rounds."),
+          epsilon: float = typer.Option(3.0, help="Total epsilon per node for the job.")) -> None:
+    """Run the breast-cancer demo: a coordinator and 3 nodes on 127.0.0.1, FedAvg under DP-SGD."""
+    from fedtrain.demo import run_demo
+
+    run_demo(out, rounds=rounds, epsilon=epsilon)
+
+
+app.command("demo")(_demo)
+
+
+def _load_service_commands() -> None:
+    for ep in entry_points(group="fedtrain.commands"):
+        app.add_typer(ep.load(), name=ep.name)
+
+
+def main() -> None:
+    _load_service_commands()
+    try:
+        app()
+    except FedtrainError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise SystemExit(2) from None

@@ -1,0 +1,72 @@
+"""A client of the coordinator's JobService, for operators, the CLI and the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fedtrain.errors import FedtrainError
+from fedtrain.protocol import fedtrain_pb2 as pb
+from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
+from fedtrain.protocol.codec import GRPC_OPTIONS, decode_arrays
+from fedtrain.spec import JobSpec, load_job_spec
+
+
+class CoordinatorError(FedtrainError):
+    pass
+
+
+class CoordinatorClient:
+    def __init__(self, address: str, timeout: float = 30.0):
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._jobs = pb_grpc.JobServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, fn, request):
+        try:
+            return fn(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                raise CoordinatorError(
+                    f"no coordinator answers at {self.address}; start one with `fedtrain coordinator start`"
+                    " or pass --coordinator HOST:PORT"
+                ) from None
+            raise CoordinatorError(f"{err.code().name}: {err.details()}") from None
+
+    def healthy(self) -> bool:
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def submit(self, spec: JobSpec | str | Path) -> str:
+        if not isinstance(spec, JobSpec):
+            spec = load_job_spec(spec)
+        return self._call(self._jobs.SubmitJob, pb.SubmitJobRequest(spec_json=spec.canonical_json())).job_id
+
+    def status(self, job_id: str) -> pb.JobStatus:
+        return self._call(self._jobs.GetJob, pb.GetJobRequest(job_id=job_id))
+
+    def jobs(self) -> list[pb.JobStatus]:
+        return list(self._call(self._jobs.ListJobs, pb.ListJobsRequest()).jobs)
+
+    def model(self, job_id: str) -> dict[str, np.ndarray]:
+        try:
+            return decode_arrays(self._jobs.FetchModel(pb.GetJobRequest(job_id=job_id), timeout=self.timeout))
+        except grpc.RpcError as err:
+            raise CoordinatorError(f"{err.code().name}: {err.details()}") from None

@@ -1,0 +1,52 @@
+"""The node's training code as a Flower ``ClientApp``.
+
+The same app runs under fedtrain's node agent (which adds policy, ledger and
+audit around it) and under Flower's simulation engine. It reads the job spec from
+``context.run_config["job-spec"]`` and the local table from
+``context.node_config["data-path"]``; nothing but the DP-trained parameters and a
+few scalar metrics goes into its reply.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtrain.data import load_table
+from fedtrain.models.tabular import build_model, load_numpy_state, state_to_numpy
+from fedtrain.privacy.accounting import plan_round
+from fedtrain.privacy.engine import train_private
+from fedtrain.spec import job_spec_from_json
+
+app = ClientApp()
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    spec = job_spec_from_json(str(context.run_config["job-spec"]))
+    table = load_table(str(context.node_config["data-path"]), spec.data, spec.model.num_classes)
+    model = build_model(spec)
+    load_numpy_state(model, arrays_to_numpy(msg.content["arrays"]))
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    result = train_private(model, table, spec, plan_round(spec, len(table)), proximal_mu=mu)
+    metrics = MetricRecord(
+        {
+            # Flower's strategies weight the average by this key.
+            "num-examples": len(table),
+            "train-loss": result.loss,
+            "noise-multiplier": result.plan.noise_multiplier,
+            "sample-rate": result.plan.sample_rate,
+            "steps": result.plan.steps,
+        }
+    )
+    content = RecordDict({"arrays": numpy_to_arrays(state_to_numpy(model)), "metrics": metrics})
+    return Message(content, reply_to=msg)

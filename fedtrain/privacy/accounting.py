@@ -1,0 +1,67 @@
+"""What a job costs in privacy, computed with Opacus's accountants.
+
+A node calibrates one noise multiplier for the whole job so that all its rounds
+together spend the job's ε at the job's δ. Every round is one Opacus accountant
+history entry ``(noise_multiplier, sample_rate, steps)``; lifetime spend is the
+composition of all entries in the node's ledger, again by Opacus.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedtrain.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The DP-SGD parameters of one round on one node: one accountant history entry."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def as_history(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+    # Opacus's Poisson loader keeps the loader's length and samples each example
+    # with rate 1/len, so this is both the step count and the inverse sample rate.
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def plan_round(spec: JobSpec, num_examples: int) -> RoundPlan:
+    """The noise, sample rate and steps a node uses for each round of ``spec``.
+
+    Deterministic in (spec, dataset size): the node's pre-check, its training and
+    its ledger all derive the same numbers.
+    """
+    if num_examples < 1:
+        raise ValueError("a node needs at least one example to train")
+    per_epoch = batches_per_epoch(num_examples, spec.training.batch_size)
+    sample_rate = 1.0 / per_epoch
+    steps = per_epoch * spec.training.local_epochs
+    sigma = get_noise_multiplier(
+        target_epsilon=spec.privacy.epsilon,
+        target_delta=spec.privacy.delta,
+        sample_rate=sample_rate,
+        steps=steps * spec.training.rounds,
+        accountant=spec.privacy.accountant,
+    )
+    return RoundPlan(noise_multiplier=float(sigma), sample_rate=sample_rate, steps=steps)
+
+
+def epsilon(history: Iterable[tuple[float, float, int]], delta: float) -> float:
+    """ε of the composition of accountant history entries at ``delta`` (0 if empty)."""
+    entries = list(history)
+    if not entries:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = entries
+    return float(accountant.get_epsilon(delta=delta))

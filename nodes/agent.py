@@ -1,0 +1,245 @@
+"""The node agent: the daemon a data owner runs next to their data.
+
+It dials out to the coordinator, decides on job offers with the owner's policy,
+trains rounds with the installed ClientApp under DP-SGD, charges each round to
+the ledger *before* sending it, and writes every outbound message to the audit log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+from flwr.app import DEFAULT_TTL, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from fedtrain.audit import AuditLog
+from fedtrain.client_app import app as client_app
+from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
+from fedtrain.data import load_table
+from fedtrain.errors import FedtrainError
+from fedtrain.models.tabular import build_model, state_to_numpy
+from fedtrain.policy import Decision, NodePolicy, review_job
+from fedtrain.privacy.accounting import RoundPlan, plan_round
+from fedtrain.privacy.ledger import LedgerRow, PrivacyLedger
+from fedtrain.protocol import fedtrain_pb2 as pb
+from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
+from fedtrain.protocol.codec import (
+    GRPC_OPTIONS, PROTOCOL_VERSION, TensorInfo, decode_arrays, decode_values, encode_arrays, encode_values, manifest_of,
+    payload_digest,
+)
+from fedtrain.spec import JobSpec, job_spec_from_json
+from nodes.jobs import JobBook
+
+log = logging.getLogger("fedtrain.node")
+
+# Set to "after-ledger-commit" to crash the agent between charging a round and sending
+# it: the crash-recovery tests use it to prove that no spend is lost.
+FAILPOINT_ENV = "FEDTRAIN_FAILPOINT"
+_PROTO_DECISION = {
+    Decision.ACCEPTED: pb.OfferAnswer.ACCEPTED,
+    Decision.REFUSED: pb.OfferAnswer.REFUSED,
+    Decision.PENDING_APPROVAL: pb.OfferAnswer.PENDING_APPROVAL,
+}
+
+
+class StatePaths:
+    """Where a node keeps its state; shared by the agent and the owner's CLI."""
+
+    def __init__(self, state_dir: Path):
+        self.dir = state_dir
+        self.ledger = state_dir / "ledger.db"
+        self.jobs = state_dir / "jobs.db"
+        self.audit = state_dir / "audit.jsonl"
+
+
+class NodeAgent:
+    def __init__(self, *, coordinator: str, data: Path, policy: NodePolicy, state_dir: Path, name: str,
+                 poll_seconds: float = 10.0):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        paths = StatePaths(state_dir)
+        self.coordinator = coordinator
+        self.data = data
+        self.policy = policy
+        self.name = name
+        self.poll_seconds = poll_seconds
+        self.ledger = PrivacyLedger(paths.ledger, max_epsilon=policy.max_epsilon, delta=policy.delta)
+        self.jobs = JobBook(paths.jobs)
+        self.audit = AuditLog(paths.audit)
+        self.node_id = 0
+        self._channel = grpc.insecure_channel(coordinator, options=GRPC_OPTIONS)
+        self._stub = pb_grpc.NodeServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+        self.ledger.close()
+        self.jobs.close()
+
+    # --- outbound: every call is audited before it leaves ------------------------
+    def _send(self, message_type: str, call: Callable, request, **audit) -> object:
+        self.audit.record(message_type, peer=self.coordinator, **audit)
+        return call(request)
+
+    # --- main loop ------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        self._register(stop)
+        while not stop.is_set():
+            try:
+                # Charged results that a crash or an outage kept from the coordinator go first.
+                self._deliver_undelivered()
+                self._answer_offers()
+                reply = self._send("Poll", self._stub.Poll,
+                                   pb.PollRequest(node_id=self.node_id, wait_seconds=self.poll_seconds))
+                item = reply.WhichOneof("item")
+                if item == "offer":
+                    self._on_offer(reply.offer)
+                elif item == "task":
+                    self._on_task(reply.task)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND and "Register" in (err.details() or ""):
+                    self._register(stop)  # the coordinator lost us, e.g. a new state dir
+                    continue
+                log.warning("coordinator unreachable (%s: %s); retrying", err.code().name, err.details())
+                stop.wait(2.0)
+
+    def _register(self, stop: threading.Event) -> None:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                reply = self._send("Register", self._stub.Register,
+                                   pb.RegisterRequest(name=self.name, protocol_version=PROTOCOL_VERSION))
+                self.node_id = reply.node_id
+                log.info("registered with %s as node %d", self.coordinator, self.node_id)
+                return
+            except grpc.RpcError as err:
+                if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise FedtrainError(f"the coordinator refused registration: {err.details()}") from None
+                log.info("waiting for coordinator at %s (%s)", self.coordinator, err.code().name)
+                stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    # --- job offers -----------------------------------------------------------
+    def _on_offer(self, offer: pb.JobOffer) -> None:
+        try:
+            spec = job_spec_from_json(offer.spec_json, source=f"job {offer.job_id}")
+            table = load_table(self.data, spec.data, spec.model.num_classes)
+            review = review_job(spec, self.policy, self.ledger, len(table))
+            decision, reason = review.decision, review.reason
+        except FedtrainError as err:
+            decision, reason = Decision.REFUSED, str(err)
+        log.info("job %s: %s (%s)", offer.job_id, decision.value, reason)
+        self.jobs.record(offer.job_id, offer.spec_json, decision, reason)
+        self._answer_offers()
+
+    def _answer_offers(self) -> None:
+        for job in self.jobs.unanswered():
+            self._send(
+                "AnswerOffer", self._stub.AnswerOffer,
+                pb.OfferAnswer(node_id=self.node_id, job_id=job.job_id, decision=_PROTO_DECISION[job.decision],
+                               reason=job.reason),
+                job_id=job.job_id, detail=f"{job.decision.value}: {job.reason}",
+            )
+            self.jobs.mark_answered(job.job_id, job.decision)
+
+    # --- training tasks -------------------------------------------------------
+    def _check_task(self, task: pb.TaskHeader) -> str:
+        """Why this task must not run, or '' if it may."""
+        job = self.jobs.get(task.job_id)
+        if job is None or job.decision is not Decision.ACCEPTED:
+            state = "never offered" if job is None else job.decision.value
+            return f"job {task.job_id} is not accepted on this node ({state})"
+        if task.message_type != "train":
+            return f"message type {task.message_type!r} is not served; this node only trains"
+        spec = job.spec
+        if not 1 <= task.round <= spec.training.rounds:
+            return f"round {task.round} is outside the accepted job's {spec.training.rounds} rounds"
+        if self.ledger.row(task.job_id, task.round) is not None:
+            return f"round {task.round} of job {task.job_id} was already released; it is never trained twice"
+        return ""
+
+    def _refuse(self, task: pb.TaskHeader, refusal: str) -> None:
+        log.warning("refusing task %s: %s", task.task_id, refusal)
+        self._send("SubmitResult", self._stub.SubmitResult,
+                   iter([pb.ResultPart(header=pb.ResultHeader(node_id=self.node_id, task_id=task.task_id,
+                                                              refusal=refusal))]),
+                   job_id=task.job_id, round=task.round, detail=f"refusal: {refusal}")
+
+    def _on_task(self, task: pb.TaskHeader) -> None:
+        refusal = self._check_task(task)
+        if refusal:
+            return self._refuse(task, refusal)
+        spec = self.jobs.get(task.job_id).spec
+        try:
+            table = load_table(self.data, spec.data, spec.model.num_classes)
+            plan = plan_round(spec, len(table))
+            quote = self.ledger.quote([plan])
+            # The budget is checked before anything is fetched or trained.
+            if not quote.allowed:
+                return self._refuse(task, quote.refusal())
+            bundle = self._train(task, spec, plan)
+        except (FedtrainError, ValueError) as err:
+            # Nothing was charged or sent: the round goes on without this node.
+            return self._refuse(task, f"training failed: {err}")
+        row = self.ledger.charge(job_id=task.job_id, round=task.round, plan=plan, job_delta=spec.privacy.delta,
+                                 task_id=task.task_id, payload=bundle.SerializeToString())
+        if os.environ.get(FAILPOINT_ENV) == "after-ledger-commit":
+            os._exit(70)
+        self._deliver(row, bundle)
+
+    def _train(self, task: pb.TaskHeader, spec: JobSpec, plan: RoundPlan) -> pb.ResultBundle:
+        expected = manifest_of(state_to_numpy(build_model(spec)))
+        chunks = self._send("FetchArrays", self._stub.FetchArrays,
+                            pb.FetchRequest(node_id=self.node_id, task_id=task.task_id),
+                            job_id=task.job_id, round=task.round)
+        arrays = decode_arrays(chunks, expected=expected)
+        message = Message(
+            content=RecordDict({"arrays": numpy_to_arrays(arrays),
+                                "config": ConfigRecord(decode_values(task.config))}),
+            metadata=Metadata(run_id=0, message_id=task.task_id, src_node_id=0, dst_node_id=self.node_id,
+                              reply_to_message_id="", group_id=str(task.round), created_at=time.time(),
+                              ttl=DEFAULT_TTL, message_type=task.message_type),
+        )
+        context = Context(run_id=0, node_id=self.node_id, node_config={"data-path": str(self.data)},
+                          state=RecordDict(), run_config={"job-spec": spec.canonical_json()})
+        reply = client_app(message, context)
+        metrics = dict(reply.content["metrics"])
+        recorded = RoundPlan(metrics["noise-multiplier"], metrics["sample-rate"], int(metrics["steps"]))
+        if recorded != plan:
+            raise FedtrainError(f"training recorded {recorded}, not the planned {plan}; nothing is sent")
+        return pb.ResultBundle(
+            header=pb.ResultHeader(node_id=self.node_id, task_id=task.task_id, metrics=encode_values(metrics)),
+            tensors=list(encode_arrays(arrays_to_numpy(reply.content["arrays"]))),
+        )
+
+    def _deliver(self, row: LedgerRow, bundle: pb.ResultBundle) -> None:
+        """Send a charged result. The ε values in its header come from the ledger row."""
+        header = bundle.header
+        for key, value in encode_values({"epsilon": row.job_epsilon, "delta": row.delta,
+                                         "lifetime-epsilon-increase": row.epsilon}).items():
+            header.metrics[key].CopyFrom(value)
+
+        def parts() -> Iterator[pb.ResultPart]:
+            yield pb.ResultPart(header=header)
+            for chunk in bundle.tensors:
+                yield pb.ResultPart(tensor=chunk)
+
+        try:
+            self._send("SubmitResult", self._stub.SubmitResult, parts(), job_id=row.job_id, round=row.round,
+                       tensors={c.name: TensorInfo(c.dtype, tuple(c.shape)) for c in bundle.tensors},
+                       payload_sha256=payload_digest(bundle.tensors), epsilon=row.job_epsilon)
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+                                  grpc.StatusCode.INVALID_ARGUMENT):
+                raise  # transient: the result stays in the ledger and is sent again later
+            # The coordinator will never take it (round over, or refused): the spend stays charged.
+            log.warning("result for job %s round %d not accepted: %s", row.job_id, row.round, err.details())
+        self.ledger.mark_sent(row.job_id, row.round)
+
+    def _deliver_undelivered(self) -> None:
+        for row, payload in self.ledger.undelivered():
+            log.info("re-sending charged result for job %s round %d", row.job_id, row.round)
+            self._deliver(row, pb.ResultBundle.FromString(payload))

@@ -1,0 +1,88 @@
+"""The node's record of job offers and its decisions on them (SQLite in the state dir).
+
+The agent and the owner's CLI (`fedtrain node approve`) share this file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtrain.policy import Decision
+from fedtrain.spec import JobSpec, job_spec_from_json
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    spec_json TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    answered INTEGER NOT NULL DEFAULT 0,   -- has the coordinator been told the decision?
+    received_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    spec_json: str
+    decision: Decision
+    reason: str
+    answered: bool
+
+    @property
+    def spec(self) -> JobSpec:
+        return job_spec_from_json(self.spec_json)
+
+
+class JobBook:
+    def __init__(self, path: str | Path):
+        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def record(self, job_id: str, spec_json: str, decision: Decision, reason: str) -> None:
+        self._db.execute(
+            "INSERT INTO jobs (job_id, spec_json, decision, reason, received_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(job_id) DO UPDATE SET decision = excluded.decision, reason = excluded.reason, answered = 0",
+            (job_id, spec_json, decision.value, reason, time.time()),
+        )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        rows = self._select("WHERE job_id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def all(self) -> list[JobRecord]:
+        return self._select("", ())
+
+    def unanswered(self) -> list[JobRecord]:
+        return self._select("WHERE answered = 0", ())
+
+    def mark_answered(self, job_id: str, decision: Decision) -> None:
+        # Only if unchanged since read: an approval that lands meanwhile must still be sent.
+        self._db.execute("UPDATE jobs SET answered = 1 WHERE job_id = ? AND decision = ?", (job_id, decision.value))
+
+    def decide(self, job_id: str, decision: Decision, reason: str) -> JobRecord:
+        """The owner's decision on a pending job."""
+        job = self.get(job_id)
+        if job is None:
+            known = ", ".join(j.job_id for j in self.all()) or "none"
+            raise KeyError(f"no job {job_id!r} on this node (known: {known})")
+        if job.decision is not Decision.PENDING_APPROVAL:
+            raise ValueError(f"job {job_id} is not pending approval; it is {job.decision.value}")
+        self._db.execute(
+            "UPDATE jobs SET decision = ?, reason = ?, answered = 0 WHERE job_id = ?", (decision.value, reason, job_id)
+        )
+        return self.get(job_id)
+
+    def _select(self, where: str, args: tuple) -> list[JobRecord]:
+        cur = self._db.execute(
+            f"SELECT job_id, spec_json, decision, reason, answered FROM jobs {where} ORDER BY received_at", args
+        )
+        return [JobRecord(j, s, Decision(d), r, bool(a)) for j, s, d, r, a in cur]
