@@ -26,7 +26,7 @@ def start(
     """
     from coordinator.service import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s", force=True)
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
     server, bound, coord = serve(state_dir, host, port)
     stop = threading.Event()

@@ -36,7 +36,7 @@ def start(
     poll_seconds: float = typer.Option(10.0, help="Long-poll wait per request to the coordinator."),
 ) -> None:
     """Start the node agent and serve until SIGINT/SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s node:{name} %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s node:{name} %(levelname)s %(message)s", force=True)
     owner_policy = load_policy(policy)
     state_dir.mkdir(parents=True, exist_ok=True)
     # The owner's CLI reads the policy in force from the state dir.

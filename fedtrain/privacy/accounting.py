@@ -8,6 +8,7 @@ composition of all entries in the node's ledger, again by Opacus.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,6 +45,13 @@ def plan_round(spec: JobSpec, num_examples: int) -> RoundPlan:
     """
     if num_examples < 1:
         raise ValueError("a node needs at least one example to train")
+    # Calibration is a search over Opacus's accountant (about a second): do it once per job.
+    return _plan(spec.canonical_json(), num_examples)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(spec_json: str, num_examples: int) -> RoundPlan:
+    spec = JobSpec.model_validate_json(spec_json)
     per_epoch = batches_per_epoch(num_examples, spec.training.batch_size)
     sample_rate = 1.0 / per_epoch
     steps = per_epoch * spec.training.local_epochs
@@ -59,9 +67,13 @@ def plan_round(spec: JobSpec, num_examples: int) -> RoundPlan:
 
 def epsilon(history: Iterable[tuple[float, float, int]], delta: float) -> float:
     """ε of the composition of accountant history entries at ``delta`` (0 if empty)."""
-    entries = list(history)
-    if not entries:
+    # Entries of the same mechanism compose additively in steps, so merging them is
+    # exact and keeps the cost per distinct (noise, rate), not per round.
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, rate, n in history:
+        steps[(sigma, rate)] = steps.get((sigma, rate), 0) + n
+    if not steps:
         return 0.0
     accountant = RDPAccountant()
-    accountant.history = entries
+    accountant.history = [(sigma, rate, n) for (sigma, rate), n in steps.items()]
     return float(accountant.get_epsilon(delta=delta))

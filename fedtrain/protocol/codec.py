@@ -42,19 +42,20 @@ Manifest = Mapping[str, TensorInfo]
 
 
 def manifest_of(arrays: Mapping[str, np.ndarray]) -> dict[str, TensorInfo]:
-    return {k: TensorInfo(str(v.dtype), tuple(int(s) for s in v.shape)) for k, v in arrays.items()}
+    return {k: TensorInfo(v.dtype.name, tuple(int(s) for s in v.shape)) for k, v in arrays.items()}
 
 
 def encode_arrays(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
     for name, arr in arrays.items():
         arr = np.asarray(arr)
-        if str(arr.dtype) not in ALLOWED_DTYPES:
-            raise WireError(f"tensor {name!r} has dtype {arr.dtype}, which the protocol does not carry")
+        dtype = arr.dtype.name  # byte-order free: ">f4" and "<f4" are both "float32"
+        if dtype not in ALLOWED_DTYPES:
+            raise WireError(f"tensor {name!r} has dtype {dtype}, which the protocol does not carry")
         data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
         shape = list(arr.shape)
         for offset in range(0, max(len(data), 1), chunk_bytes):
             yield pb.TensorChunk(
-                name=name, dtype=str(arr.dtype), shape=shape, offset=offset,
+                name=name, dtype=dtype, shape=shape, offset=offset,
                 total_bytes=len(data), data=data[offset : offset + chunk_bytes],
             )
 
