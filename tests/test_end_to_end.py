@@ -1,0 +1,136 @@
+"""Real processes on 127.0.0.1: a coordinator, node agents, and the `fedtrain` CLI."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from fedtrain.launch import LocalConsortium
+from fedtrain.privacy.ledger import PrivacyLedger
+from fedtrain.protocol.codec import decode_values
+
+from conftest import make_spec
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "fedtrain", *args], capture_output=True, text=True, timeout=120,
+                          env={"COLUMNS": "200", "PATH": ""})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fedtrain {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def wait_for(client, job_id, predicate, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.status(job_id)
+        if predicate(status):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"timed out; last status: {status}")
+
+
+def write_policy(path, **policy):
+    path.write_text(yaml.safe_dump({"delta": 1e-5, **policy}))
+    return path
+
+
+def test_demo_writes_its_report(tmp_path):
+    from fedtrain.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", rounds=2, epsilon=3.0)
+    assert (tmp_path / "demo" / "report.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert [r["round"] for r in saved["rounds"]] == [0, 1, 2]
+    for node in saved["nodes"].values():
+        assert 2.9 < node["epsilon"] <= 3.0 and node["steps"] > 0 and node["noise_multiplier"] > 0.5
+    assert report["accuracy_ratio"] > 0.85
+
+
+def test_cli_job_and_a_refusal_for_budget_reach_the_operator(tmp_path, shards):
+    paths, test = shards
+    policy = write_policy(tmp_path / "policy.yaml", max_epsilon=1.2)
+    spec = make_spec(min_nodes=2, evaluation={"data": str(test)})
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
+        address = c.start_coordinator()
+        for i in range(2):
+            c.start_node(f"n{i}", paths[i], policy)
+        job_id = cli("job", "submit", str(spec_file), "--coordinator", address, "--wait").stdout.strip().splitlines()[0]
+        status_out = cli("job", "status", job_id, "--coordinator", address).stdout
+        assert "finished" in status_out and "n0=" in status_out
+
+        # The first job spent ~0.99 of 1.2; both jobs together would compose to ~1.38.
+        with c.client() as client:
+            second = client.submit(spec)
+            status = wait_for(client, second, lambda s: sum(n.decision == "refused" for n in s.nodes) == 2)
+        for node in status.nodes:
+            assert "privacy budget exceeded" in node.reason and "remaining 0.2" in node.reason
+        assert "privacy budget exceeded" in cli("job", "status", second, "--coordinator", address).stdout
+
+    for i in range(2):
+        state = c.node_state(f"n{i}")
+        budget = json.loads(cli("node", "budget", "--state-dir", str(state), "--json").stdout)
+        assert [r["round"] for r in budget["rounds"]] == [1, 2] and budget["spent"] <= 1.0
+        assert all(r["sent"] for r in budget["rounds"])
+        audit = [json.loads(line) for line in cli("node", "audit", "--state-dir", str(state), "--json").stdout.splitlines()]
+        results = [e for e in audit if e["type"] == "SubmitResult"]
+        # Only the model's parameters left the node, each with its payload hash and epsilon.
+        assert len(results) == 2
+        for e in results:
+            assert {t["name"] for t in e["tensors"]} == {"0.weight", "0.bias"}
+            assert len(e["payload_sha256"]) == 64 and 0 < e["epsilon"] <= 1.0
+        assert {e["type"] for e in audit} >= {"Register", "Poll", "AnswerOffer", "FetchArrays", "SubmitResult"}
+
+
+def test_owner_approval_gates_a_fedadam_job(tmp_path, shards):
+    paths, _ = shards
+    policy = write_policy(tmp_path / "policy.yaml", max_epsilon=5.0, require_approval=True)
+    spec = make_spec(strategy={"name": "fedadam", "params": {"eta": 0.05}})
+    with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
+        c.start_coordinator()
+        c.start_node("owner", paths[0], policy)
+        state = str(c.node_state("owner"))
+        with c.client() as client:
+            job_id = client.submit(spec)
+            wait_for(client, job_id, lambda s: [n.decision for n in s.nodes] == ["pending_approval"])
+            assert job_id in cli("node", "jobs", "--state-dir", state).stdout
+            time.sleep(2)
+            assert client.status(job_id).rounds[-1].round == 0  # nothing trained while pending
+            refused = cli("node", "approve", "not-a-job", "--state-dir", state, check=False)
+            assert refused.returncode == 1 and "no job 'not-a-job'" in refused.stdout
+            cli("node", "approve", job_id, "--state-dir", state)
+            status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"))
+    assert status.state == "finished", status.error
+    assert [r.round for r in status.rounds] == [0, 1, 2]
+
+
+def test_a_crash_between_ledger_commit_and_send_loses_no_spend(tmp_path, shards):
+    paths, _ = shards
+    policy = write_policy(tmp_path / "policy.yaml", max_epsilon=5.0)
+    spec = make_spec(strategy={"name": "fedprox", "params": {"proximal_mu": 0.1}})
+    with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
+        c.start_coordinator()
+        node = c.start_node("n", paths[0], policy, env={"FEDTRAIN_FAILPOINT": "after-ledger-commit"})
+        with c.client() as client:
+            job_id = client.submit(spec)
+            assert node.wait(120) == 70  # died right after charging round 1, before sending it
+            ledger = PrivacyLedger(c.node_state("n") / "ledger.db", max_epsilon=5.0, delta=1e-5)
+            [(row, _)] = ledger.undelivered()
+            assert (row.job_id, row.round) == (job_id, 1)
+
+            c.start_node("n", paths[0], policy)  # restart, no failpoint
+            status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"))
+    assert status.state == "finished", status.error
+    rows = ledger.rows(job_id)
+    assert [(r.round, r.sent) for r in rows] == [(1, True), (2, True)]  # each round charged exactly once
+    assert rows[0].task_id == row.task_id  # round 1 was re-sent, not retrained
+    round1 = next(r for r in status.rounds if r.round == 1)
+    assert [decode_values(n.metrics)["epsilon"] for n in round1.nodes] == [pytest.approx(rows[0].job_epsilon)]
+    ledger.close()
