@@ -21,7 +21,7 @@ from fedtrain.audit import AuditLog
 from fedtrain.client_app import app as client_app
 from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
 from fedtrain.data import load_table
-from fedtrain.errors import FedtrainError
+from fedtrain.errors import BudgetExceeded, FedtrainError
 from fedtrain.models.tabular import build_model, state_to_numpy
 from fedtrain.policy import Decision, NodePolicy, review_job
 from fedtrain.privacy.accounting import RoundPlan, plan_round
@@ -184,8 +184,13 @@ class NodeAgent:
         except (FedtrainError, ValueError) as err:
             # Nothing was charged or sent: the round goes on without this node.
             return self._refuse(task, f"training failed: {err}")
-        row = self.ledger.charge(job_id=task.job_id, round=task.round, plan=plan, job_delta=spec.privacy.delta,
-                                 task_id=task.task_id, payload=bundle.SerializeToString())
+        try:
+            # Re-checked atomically with the write: the pre-check above may be stale.
+            row = self.ledger.charge(job_id=task.job_id, round=task.round, plan=plan,
+                                     job_delta=spec.privacy.delta, task_id=task.task_id,
+                                     payload=bundle.SerializeToString())
+        except BudgetExceeded as err:
+            return self._refuse(task, str(err))
         if os.environ.get(FAILPOINT_ENV) == "after-ledger-commit":
             os._exit(70)
         self._deliver(row, bundle)
