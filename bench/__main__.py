@@ -56,7 +56,7 @@ def wire_ratio(spec) -> tuple[int, int]:
     arrays = state_to_numpy(build_model(spec))
     raw = sum(a.nbytes for a in arrays.values())
     header = pb.ResultHeader(node_id=1, task_id="0" * 32, metrics=encode_values(
-        {"num-examples": 1000, "train-loss": 0.1, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
+        {"num-examples": 1000, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
          "epsilon": 1.0, "delta": 1e-5, "lifetime-epsilon-increase": 0.5}))
     parts = [pb.ResultPart(header=header)] + [pb.ResultPart(tensor=c) for c in encode_arrays(arrays)]
     return sum(p.ByteSize() for p in parts), raw

@@ -60,9 +60,6 @@ CREATE TABLE IF NOT EXISTS models (
 );
 """
 
-ACTIVE_STATES = ("waiting", "running")
-
-
 @dataclass(frozen=True)
 class JobRow:
     id: str

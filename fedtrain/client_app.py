@@ -3,11 +3,13 @@
 The same app runs under fedtrain's node agent (which adds policy, ledger and
 audit around it) and under Flower's simulation engine. It reads the job spec from
 ``context.run_config["job-spec"]`` and the local table from
-``context.node_config["data-path"]``; nothing but the DP-trained parameters and a
-few scalar metrics goes into its reply.
+``context.node_config["data-path"]``; nothing but the DP-trained parameters, the
+example count and the DP parameters (noise, sample rate, steps) goes into its reply.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -19,6 +21,7 @@ from fedtrain.privacy.accounting import plan_round
 from fedtrain.privacy.engine import train_private
 from fedtrain.spec import job_spec_from_json
 
+log = logging.getLogger("fedtrain.node")
 app = ClientApp()
 
 
@@ -38,11 +41,13 @@ def train(msg: Message, context: Context) -> Message:
     load_numpy_state(model, arrays_to_numpy(msg.content["arrays"]))
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     result = train_private(model, table, spec, plan_round(spec, len(table)), proximal_mu=mu)
+    # The training loss is a statistic of the private data without noise: it is logged
+    # here, on the node, and never put into the reply.
+    log.info("round %s: local DP-SGD training loss %.4f", msg.content["config"].get("server-round"), result.loss)
     metrics = MetricRecord(
         {
             # Flower's strategies weight the average by this key.
             "num-examples": len(table),
-            "train-loss": result.loss,
             "noise-multiplier": result.plan.noise_multiplier,
             "sample-rate": result.plan.sample_rate,
             "steps": result.plan.steps,

@@ -15,7 +15,3 @@ class WireError(FedtrainError, ValueError):
 
 class BudgetExceeded(FedtrainError):
     """Running the requested work would spend more privacy budget than the policy allows."""
-
-
-class PolicyRefusal(FedtrainError):
-    """The node's policy refuses a job."""

@@ -51,7 +51,6 @@ class StatePaths:
     """Where a node keeps its state; shared by the agent and the owner's CLI."""
 
     def __init__(self, state_dir: Path):
-        self.dir = state_dir
         self.ledger = state_dir / "ledger.db"
         self.jobs = state_dir / "jobs.db"
         self.audit = state_dir / "audit.jsonl"

@@ -117,6 +117,8 @@ def test_bad_updates_are_rejected_with_the_reason_and_the_job_goes_on(coordinato
             break
         __import__("time").sleep(0.1)
     # Rounds 1 and 2 were skipped (no valid update); round 3 aggregated the good one.
-    _, model = coord.store.latest_model(job_id)
+    # The operator's view of the global model, over JobService.FetchModel.
+    model = decode_arrays(jobs.FetchModel(pb.GetJobRequest(job_id=job_id)))
+    assert set(model) == set(good)
     for k in good:
         np.testing.assert_allclose(model[k], good[k])

@@ -133,4 +133,7 @@ def test_a_crash_between_ledger_commit_and_send_loses_no_spend(tmp_path, shards)
     assert rows[0].task_id == row.task_id  # round 1 was re-sent, not retrained
     round1 = next(r for r in status.rounds if r.round == 1)
     assert [decode_values(n.metrics)["epsilon"] for n in round1.nodes] == [pytest.approx(rows[0].job_epsilon)]
+    # Exactly these scalars leave a node with its update; nothing computed from the data without noise.
+    assert set(decode_values(round1.nodes[0].metrics)) == {
+        "num-examples", "noise-multiplier", "sample-rate", "steps", "epsilon", "delta", "lifetime-epsilon-increase"}
     ledger.close()

@@ -104,9 +104,6 @@ class PrivacyLedger:
         """Lifetime ε at the policy's δ."""
         return epsilon(self._history(), self.delta)
 
-    def job_spent(self, job_id: str, delta: float) -> float:
-        return epsilon(self._history(job_id), delta)
-
     def quote(self, plans: list[RoundPlan]) -> Quote:
         history = self._history()
         return Quote(
