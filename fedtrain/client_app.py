@@ -3,8 +3,9 @@
 The same app runs under fedtrain's node agent (which adds policy, ledger and
 audit around it) and under Flower's simulation engine. It reads the job spec from
 ``context.run_config["job-spec"]`` and the local table from
-``context.node_config["data-path"]``; nothing but the DP-trained parameters, the
-example count and the DP parameters (noise, sample rate, steps) goes into its reply.
+``context.node_config["data-path"]``; nothing but the DP-trained tensors (all
+parameters of a tabular model, only the adapter of a transformer), the example
+count and the DP parameters (noise, sample rate, steps) goes into its reply.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtrain.data import load_table
-from fedtrain.models.tabular import build_model, load_numpy_state, state_to_numpy
+from fedtrain.models import build_model, load_dataset, load_trainable_state, trainable_state
 from fedtrain.privacy.accounting import plan_round
 from fedtrain.privacy.engine import train_private
 from fedtrain.spec import job_spec_from_json
@@ -36,22 +36,22 @@ def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     spec = job_spec_from_json(str(context.run_config["job-spec"]))
-    table = load_table(str(context.node_config["data-path"]), spec.data, spec.model.num_classes)
+    dataset = load_dataset(str(context.node_config["data-path"]), spec)
     model = build_model(spec)
-    load_numpy_state(model, arrays_to_numpy(msg.content["arrays"]))
+    load_trainable_state(model, arrays_to_numpy(msg.content["arrays"]))
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    result = train_private(model, table, spec, plan_round(spec, len(table)), proximal_mu=mu)
+    result = train_private(model, dataset, spec, plan_round(spec, len(dataset)), proximal_mu=mu)
     # The training loss is a statistic of the private data without noise: it is logged
     # here, on the node, and never put into the reply.
     log.info("round %s: local DP-SGD training loss %.4f", msg.content["config"].get("server-round"), result.loss)
     metrics = MetricRecord(
         {
             # Flower's strategies weight the average by this key.
-            "num-examples": len(table),
+            "num-examples": len(dataset),
             "noise-multiplier": result.plan.noise_multiplier,
             "sample-rate": result.plan.sample_rate,
             "steps": result.plan.steps,
         }
     )
-    content = RecordDict({"arrays": numpy_to_arrays(state_to_numpy(model)), "metrics": metrics})
+    content = RecordDict({"arrays": numpy_to_arrays(trainable_state(model)), "metrics": metrics})
     return Message(content, reply_to=msg)

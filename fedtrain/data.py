@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedtrain.errors import SpecError
-from fedtrain.spec import DataSpec
+from fedtrain.spec import DataSpec, TextDataSpec
 
 
 @dataclass(frozen=True)
@@ -62,3 +63,74 @@ def write_table(path: str | Path, columns: list[str], features: np.ndarray, labe
         w.writerow([*columns, label])
         for x, y in zip(features.tolist(), labels.tolist()):
             w.writerow([*x, int(y)])
+
+
+@dataclass(frozen=True)
+class TextTable:
+    texts: list[str]
+    labels: np.ndarray | None  # int64 class indices; None for causal-lm
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_columns(path: str | Path, columns: list[str]) -> dict[str, list]:
+    """``columns`` of a local CSV, JSONL or Parquet file (chosen by its suffix)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise SpecError(f"data file {path} does not exist")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise SpecError(f"{path}: missing column(s) {missing}; the file has {table.column_names}")
+        return {c: table.column(c).to_pylist() for c in columns}
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for line, text in enumerate(f, start=1):
+                if text.strip():
+                    try:
+                        rows.append(json.loads(text))
+                    except json.JSONDecodeError as err:
+                        raise SpecError(f"{path}, line {line}: not a JSON object ({err.msg})") from None
+        header = sorted({k for r in rows if isinstance(r, dict) for k in r})
+    elif suffix == ".csv":
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                rows, header = list(reader), reader.fieldnames or []
+        except UnicodeDecodeError as err:
+            raise SpecError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8") from None
+    else:
+        raise SpecError(f"{path}: unknown data format {suffix!r}; use .csv, .jsonl or .parquet")
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise SpecError(f"{path}: missing column(s) {missing}; the file has {header}")
+    return {c: [r.get(c) if isinstance(r, dict) else None for r in rows] for c in columns}
+
+
+def load_text(path: str | Path, spec: TextDataSpec) -> TextTable:
+    """Read the text (and label) column of a node's local file, naming the first bad row."""
+    columns = read_columns(path, [spec.text] + ([spec.label] if spec.label else []))
+    texts = columns[spec.text]
+    if not texts:
+        raise SpecError(f"{path} has no rows")
+    for row, t in enumerate(texts, start=1):
+        if not isinstance(t, str) or not t.strip():
+            raise SpecError(f"{path}, row {row}: column {spec.text!r} is empty or not text")
+    labels = None
+    if spec.label is not None:
+        index = {c: i for i, c in enumerate(spec.classes)}
+        ys = []
+        for row, value in enumerate(columns[spec.label], start=1):
+            # CSV gives strings, JSONL and Parquet may give numbers: compare as text.
+            key = str(value)
+            if key not in index:
+                raise SpecError(f"{path}, row {row}: label {value!r} is not one of the job's classes {spec.classes}")
+            ys.append(index[key])
+        labels = np.asarray(ys, dtype=np.int64)
+    return TextTable(texts=list(texts), labels=labels)

