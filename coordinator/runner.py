@@ -10,11 +10,13 @@ from collections.abc import Callable, Iterable
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+import numpy as np
+from torch import nn
+from torch.utils.data import TensorDataset
+
 from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
-from fedtrain.data import Table
-from fedtrain.models.tabular import build_model, initial_state, load_numpy_state
+from fedtrain.models import build_model, evaluate, load_trainable_state
 from fedtrain.spec import JobSpec
-from fedtrain.training import evaluate
 from coordinator.grid import Mailbox, NetworkGrid
 from coordinator.store import Store
 
@@ -54,7 +56,8 @@ def build_strategy(spec: JobSpec, on_too_few: Callable[[int, int], None]) -> Str
 
 class JobRunner(threading.Thread):
     def __init__(
-        self, job_id: str, spec: JobSpec, store: Store, mailbox: Mailbox, run_id: int, eval_table: Table | None
+        self, job_id: str, spec: JobSpec, store: Store, mailbox: Mailbox, run_id: int,
+        initial: dict[str, np.ndarray], eval_data: TensorDataset | None,
     ):
         super().__init__(name=f"job-{job_id}", daemon=True)
         self.job_id = job_id
@@ -62,7 +65,9 @@ class JobRunner(threading.Thread):
         self.store = store
         self.cancelled = threading.Event()
         self.grid = NetworkGrid(job_id, store, mailbox, run_id, self.cancelled)
-        self.eval_table = eval_table
+        self.initial = initial
+        self.eval_data = eval_data
+        self._eval_model: nn.Module | None = None  # built once: a transformer base is large
         self._round_started = time.monotonic()
         self._short_rounds: dict[int, str] = {}
 
@@ -75,10 +80,11 @@ class JobRunner(threading.Thread):
         """Called by the strategy after every round (and for round 0): evaluate and persist."""
         weights = arrays_to_numpy(arrays)
         metrics: dict[str, float] = {}
-        if self.eval_table is not None:
-            model = build_model(self.spec)
-            load_numpy_state(model, weights)
-            metrics = evaluate(model, self.eval_table)
+        if self.eval_data is not None:
+            if self._eval_model is None:
+                self._eval_model = build_model(self.spec)
+            load_trainable_state(self._eval_model, weights)
+            metrics = evaluate(self._eval_model, self.eval_data, self.spec)
         wall = time.monotonic() - self._round_started
         self.store.finish_round(self.job_id, server_round, metrics, wall if server_round else 0.0, weights)
         self._round_started = time.monotonic()
@@ -91,7 +97,7 @@ class JobRunner(threading.Thread):
             strategy = build_strategy(self.spec, self._too_few)
             strategy.start(
                 grid=self.grid,
-                initial_arrays=numpy_to_arrays(initial_state(self.spec)),
+                initial_arrays=numpy_to_arrays(self.initial),
                 num_rounds=self.spec.training.rounds,
                 timeout=self.spec.round_timeout,
                 evaluate_fn=self._checkpoint,

@@ -15,8 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedtrain.client_app import numpy_to_arrays
-from fedtrain.data import load_table
-from fedtrain.errors import SpecError, WireError
+from fedtrain.errors import FedtrainError, WireError
+from fedtrain.models import initial_state, load_dataset
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import (
@@ -54,12 +54,12 @@ class Coordinator:
 
     def submit(self, spec_json: str) -> str:
         spec = job_spec_from_json(spec_json, source="submitted job spec")
-        # Read the evaluation table before storing anything, so a bad path stores no job.
-        eval_table = (
-            load_table(spec.evaluation.data, spec.data, spec.model.num_classes) if spec.evaluation else None
-        )
+        # Build the starting model (which checks a transformer base against the job's hash)
+        # and read the evaluation data before storing anything: a bad job stores nothing.
+        initial = initial_state(spec)
+        eval_data = load_dataset(spec.evaluation.data, spec) if spec.evaluation else None
         job_id = self.store.create_job(spec.name, spec.canonical_json())
-        runner = JobRunner(job_id, spec, self.store, self.mailbox, len(self.runners) + 1, eval_table)
+        runner = JobRunner(job_id, spec, self.store, self.mailbox, len(self.runners) + 1, initial, eval_data)
         self.runners[job_id] = runner
         runner.start()
         self.mailbox.wake()
@@ -205,7 +205,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.SubmitJobReply:
         try:
             return pb.SubmitJobReply(job_id=self.c.submit(request.spec_json))
-        except (SpecError, ValueError) as err:
+        except (FedtrainError, ValueError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobStatus:
@@ -220,10 +220,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def FetchModel(self, request: pb.GetJobRequest, context: grpc.ServicerContext):
         if self.c.store.job(request.job_id) is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
-        latest = self.c.store.latest_model(request.job_id)
-        if latest is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job {request.job_id} has no model yet")
-        yield from encode_arrays(latest[1])
+        checkpoint = self.c.store.model(request.job_id, request.round or None)
+        if checkpoint is None:
+            what = f"no model after round {request.round}" if request.round else "no model yet"
+            context.abort(grpc.StatusCode.NOT_FOUND if request.round else grpc.StatusCode.FAILED_PRECONDITION,
+                          f"job {request.job_id} has {what}")
+        yield from encode_arrays(checkpoint[1])
 
 
 def serve(state_dir: Path, host: str = "127.0.0.1", port: int = 0, workers: int = 32) -> tuple[grpc.Server, int, Coordinator]:

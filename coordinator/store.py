@@ -53,10 +53,13 @@ CREATE TABLE IF NOT EXISTS node_rounds (
     bytes_received INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, round, node_id)
 );
-CREATE TABLE IF NOT EXISTS models (
-    job_id TEXT PRIMARY KEY REFERENCES jobs(id),
+-- The global model (all trainable tensors: a whole tabular model, or an adapter)
+-- after every round, round 0 being the starting point.
+CREATE TABLE IF NOT EXISTS checkpoints (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
     round INTEGER NOT NULL,
-    tensors BLOB NOT NULL
+    tensors BLOB NOT NULL,
+    PRIMARY KEY (job_id, round)
 );
 """
 
@@ -207,7 +210,8 @@ class Store:
                     (job_id, round, json.dumps(metrics), wall_seconds),
                 )
                 self._db.execute(
-                    "INSERT OR REPLACE INTO models (job_id, round, tensors) VALUES (?, ?, ?)", (job_id, round, blob)
+                    "INSERT OR REPLACE INTO checkpoints (job_id, round, tensors) VALUES (?, ?, ?)",
+                    (job_id, round, blob),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -222,8 +226,13 @@ class Store:
             )
         ]
 
-    def latest_model(self, job_id: str) -> tuple[int, dict[str, np.ndarray]] | None:
-        rows = self._all("SELECT round, tensors FROM models WHERE job_id = ?", (job_id,))
+    def model(self, job_id: str, round: int | None = None) -> tuple[int, dict[str, np.ndarray]] | None:
+        """(round, tensors) of the global model after ``round``, or after the latest round."""
+        if round is None:
+            rows = self._all("SELECT round, tensors FROM checkpoints WHERE job_id = ? ORDER BY round DESC LIMIT 1",
+                             (job_id,))
+        else:
+            rows = self._all("SELECT round, tensors FROM checkpoints WHERE job_id = ? AND round = ?", (job_id, round))
         if not rows:
             return None
         round, blob = rows[0]

@@ -7,6 +7,7 @@ operator's `job` commands and the `demo`.
 
 from __future__ import annotations
 
+import json
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -32,14 +33,15 @@ DONE_STATES = ("finished", "failed")
 def status_table(status: pb.JobStatus) -> Table:
     """Rounds of a job: global evaluation, per-node epsilon and refusals."""
     table = Table(title=f"job {status.job_id} ({status.name}): {status.state}")
-    for col in ("round", "accuracy", "loss", "nodes ok", "seconds", "epsilon per node"):
+    # accuracy and loss for classification, loss and perplexity for causal-lm
+    keys = sorted({k for r in status.rounds for k in r.metrics})
+    for col in ("round", *keys, "nodes ok", "seconds", "epsilon per node"):
         table.add_column(col)
     for r in status.rounds:
         ok = [n for n in r.nodes if not n.refusal]
         eps = ", ".join(f"{n.name}={decode_values(n.metrics).get('epsilon', 0.0):.3f}" for n in ok)
-        table.add_row(str(r.round), f"{r.metrics.get('accuracy', float('nan')):.4f}",
-                      f"{r.metrics.get('loss', float('nan')):.4f}", f"{len(ok)}/{len(r.nodes)}" if r.round else "-",
-                      f"{r.wall_seconds:.1f}", eps)
+        table.add_row(str(r.round), *(f"{r.metrics.get(k, float('nan')):.4f}" for k in keys),
+                      f"{len(ok)}/{len(r.nodes)}" if r.round else "-", f"{r.wall_seconds:.1f}", eps)
     return table
 
 
@@ -93,6 +95,64 @@ def job_status(
         console.print(decisions_table(status))
         if status.error:
             console.print(f"[yellow]{status.error}[/yellow]")
+
+
+def _checkpoint(client: CoordinatorClient, job_id: str, round: int) -> tuple[pb.JobStatus, int, dict]:
+    status = client.status(job_id)
+    round = round or max((r.round for r in status.rounds), default=0)
+    return status, round, client.model(job_id, round)
+
+
+ROUND = typer.Option(0, "--round", help="The global model after this round; 0 means the latest.")
+
+
+@job_app.command("export")
+def job_export(
+    job_id: str,
+    out: Path = typer.Option(..., "--out", help="Directory to write (created if missing)."),
+    merged: bool = typer.Option(False, "--merged", help="Also write the merged full model to OUT/merged."),
+    round: int = ROUND,
+    coordinator: str = COORDINATOR,
+) -> None:
+    """Write a job's model: a peft adapter directory (PeftModel.from_pretrained loads it) or,
+    for tabular jobs, safetensors; each with a model card (base hash, rounds, each node's ε and δ).
+
+    The base model is loaded from this machine's disk and checked against the job's hash.
+    """
+    from fedtrain.export import export_model
+
+    with CoordinatorClient(coordinator) as client:
+        status, round, arrays = _checkpoint(client, job_id, round)
+    for path in export_model(status, arrays, round, out, merged=merged):
+        console.print(f"wrote {path} (after round {round})")
+
+
+@job_app.command("eval")
+def job_eval(
+    job_id: str,
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="Held-out CSV, JSONL or Parquet file."),
+    round: int = ROUND,
+    coordinator: str = COORDINATOR,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Evaluate a job's global model on a held-out file on this machine."""
+    from fedtrain.models import build_model, evaluate, load_dataset, load_trainable_state
+    from fedtrain.spec import job_spec_from_json
+
+    with CoordinatorClient(coordinator) as client:
+        status, round, arrays = _checkpoint(client, job_id, round)
+    spec = job_spec_from_json(status.spec_json)
+    model = build_model(spec)
+    load_trainable_state(model, arrays)
+    metrics = evaluate(model, load_dataset(data, spec), spec)
+    if as_json:
+        console.print_json(json.dumps({"job_id": job_id, "round": round, **metrics}))
+        return
+    table = Table(title=f"job {job_id} after round {round} on {data}")
+    for key in metrics:
+        table.add_column(key)
+    table.add_row(*(f"{v:.4f}" for v in metrics.values()))
+    console.print(table)
 
 
 def follow(client: CoordinatorClient, job_id: str, poll: float = 0.5) -> pb.JobStatus:

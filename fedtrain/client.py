@@ -65,8 +65,10 @@ class CoordinatorClient:
     def jobs(self) -> list[pb.JobStatus]:
         return list(self._call(self._jobs.ListJobs, pb.ListJobsRequest()).jobs)
 
-    def model(self, job_id: str) -> dict[str, np.ndarray]:
+    def model(self, job_id: str, round: int = 0) -> dict[str, np.ndarray]:
+        """The job's global model (its trainable tensors) after ``round``; 0 means the latest."""
         try:
-            return decode_arrays(self._jobs.FetchModel(pb.GetJobRequest(job_id=job_id), timeout=self.timeout))
+            request = pb.GetJobRequest(job_id=job_id, round=round)
+            return decode_arrays(self._jobs.FetchModel(request, timeout=self.timeout))
         except grpc.RpcError as err:
             raise CoordinatorError(f"{err.code().name}: {err.details()}") from None

@@ -10,22 +10,23 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from rich.table import Table
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
+from torch.utils.data import TensorDataset
 
 from fedtrain.cli import follow, status_table
 from fedtrain.console import console
-from fedtrain.data import Table as DataTable
 from fedtrain.data import load_table, write_table
 from fedtrain.errors import FedtrainError
 from fedtrain.launch import LocalConsortium
-from fedtrain.models.tabular import build_model, initial_state, load_numpy_state
+from fedtrain.models import build_model, evaluate, initial_state, load_dataset, load_trainable_state, loss_fn
 from fedtrain.policy import load_policy
 from fedtrain.privacy.ledger import PrivacyLedger
 from fedtrain.spec import JobSpec, parse_job_spec
-from fedtrain.training import evaluate, train_plain
+from fedtrain.training import train_plain
 
 NODES = ("hospital-a", "hospital-b", "hospital-c")
 LABEL = "malignant"
@@ -69,12 +70,14 @@ def centralized_baseline(spec: JobSpec, shards: list[Path], test: Path) -> dict[
               for p in shards]
     features = np.concatenate([t.features for t in tables])
     std = features.std(axis=0)
-    union = DataTable(((features - features.mean(axis=0)) / np.where(std > 0, std, 1)).astype(np.float32),
-                      np.concatenate([t.labels for t in tables]))
+    union = TensorDataset(
+        torch.from_numpy(((features - features.mean(axis=0)) / np.where(std > 0, std, 1)).astype(np.float32)),
+        torch.from_numpy(np.concatenate([t.labels for t in tables])),
+    )
     model = build_model(spec)
-    load_numpy_state(model, initial_state(spec))
-    train_plain(model, union, spec.training, epochs=spec.training.rounds * spec.training.local_epochs)
-    return evaluate(model, load_table(test, spec.data, spec.model.num_classes))
+    load_trainable_state(model, initial_state(spec))
+    train_plain(model, union, spec.training, spec.training.rounds * spec.training.local_epochs, loss_fn(spec))
+    return evaluate(model, load_dataset(test, spec), spec)
 
 
 def plot(report: dict, path: Path) -> None:

@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedtrain.errors import SpecError
+from fedtrain.errors import FedtrainError, SpecError
+from fedtrain.models.transformer import verified_base
 from fedtrain.privacy.accounting import plan_round
 from fedtrain.privacy.ledger import PrivacyLedger
 from fedtrain.spec import JobSpec, load_yaml
@@ -25,8 +26,12 @@ class NodePolicy(BaseModel):
     # Lifetime budget for this node's dataset, composed over every job it ever joins.
     max_epsilon: Annotated[float, Field(gt=0, le=100)]
     delta: Annotated[float, Field(gt=0, lt=1e-2)] = 1e-5
-    allowed_tasks: list[Literal["tabular-classification"]] = ["tabular-classification"]
-    allowed_models: list[Literal["logistic", "mlp"]] = ["logistic", "mlp"]
+    allowed_tasks: list[Literal["tabular-classification", "text-classification", "causal-lm"]] = [
+        "tabular-classification", "text-classification", "causal-lm"]
+    allowed_models: list[Literal["logistic", "mlp", "transformer"]] = ["logistic", "mlp", "transformer"]
+    # sha256 digests of the base models this node will fine-tune; unset allows any base
+    # that is on this node's disk and matches the job's digest.
+    allowed_base_models: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] | None = None
     max_rounds_per_job: Annotated[int, Field(ge=1)] = 100
     # When true, a job waits until the owner runs `fedtrain node approve JOB_ID`.
     require_approval: bool = False
@@ -64,6 +69,13 @@ def review_job(spec: JobSpec, policy: NodePolicy, ledger: PrivacyLedger, num_exa
         problems.append(f"{spec.training.rounds} rounds exceed max_rounds_per_job {policy.max_rounds_per_job}")
     if spec.privacy.delta > policy.delta:
         problems.append(f"job delta {spec.privacy.delta:g} is larger than the policy's delta {policy.delta:g}")
+    if spec.model.kind == "transformer":
+        if policy.allowed_base_models is not None and spec.model.sha256 not in policy.allowed_base_models:
+            problems.append(f"base model sha256 {spec.model.sha256[:16]}… is not in allowed_base_models")
+        try:
+            verified_base(spec)  # the node's own copy must be the job's base, byte for byte
+        except FedtrainError as err:
+            problems.append(str(err))
     if not problems:
         quote = ledger.quote([plan_round(spec, num_examples)] * spec.training.rounds)
         if not quote.allowed:

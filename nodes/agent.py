@@ -20,9 +20,8 @@ from flwr.app import DEFAULT_TTL, ConfigRecord, Context, Message, Metadata, Reco
 from fedtrain.audit import AuditLog
 from fedtrain.client_app import app as client_app
 from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
-from fedtrain.data import load_table
 from fedtrain.errors import BudgetExceeded, FedtrainError
-from fedtrain.models.tabular import build_model, state_to_numpy
+from fedtrain.models import expected_manifest, load_dataset
 from fedtrain.policy import Decision, NodePolicy, review_job
 from fedtrain.privacy.accounting import RoundPlan, plan_round
 from fedtrain.privacy.ledger import LedgerRow, PrivacyLedger
@@ -125,8 +124,7 @@ class NodeAgent:
     def _on_offer(self, offer: pb.JobOffer) -> None:
         try:
             spec = job_spec_from_json(offer.spec_json, source=f"job {offer.job_id}")
-            table = load_table(self.data, spec.data, spec.model.num_classes)
-            review = review_job(spec, self.policy, self.ledger, len(table))
+            review = review_job(spec, self.policy, self.ledger, len(load_dataset(self.data, spec)))
             decision, reason = review.decision, review.reason
         except FedtrainError as err:
             decision, reason = Decision.REFUSED, str(err)
@@ -173,8 +171,7 @@ class NodeAgent:
             return self._refuse(task, refusal)
         spec = self.jobs.get(task.job_id).spec
         try:
-            table = load_table(self.data, spec.data, spec.model.num_classes)
-            plan = plan_round(spec, len(table))
+            plan = plan_round(spec, len(load_dataset(self.data, spec)))
             quote = self.ledger.quote([plan])
             # The budget is checked before anything is fetched or trained.
             if not quote.allowed:
@@ -195,7 +192,7 @@ class NodeAgent:
         self._deliver(row, bundle)
 
     def _train(self, task: pb.TaskHeader, spec: JobSpec, plan: RoundPlan) -> pb.ResultBundle:
-        expected = manifest_of(state_to_numpy(build_model(spec)))
+        expected = expected_manifest(spec)
         chunks = self._send("FetchArrays", self._stub.FetchArrays,
                             pb.FetchRequest(node_id=self.node_id, task_id=task.task_id),
                             job_id=task.job_id, round=task.round)
@@ -214,9 +211,13 @@ class NodeAgent:
         recorded = RoundPlan(metrics["noise-multiplier"], metrics["sample-rate"], int(metrics["steps"]))
         if recorded != plan:
             raise FedtrainError(f"training recorded {recorded}, not the planned {plan}; nothing is sent")
+        update = arrays_to_numpy(reply.content["arrays"])
+        if manifest_of(update) != expected:
+            # Only the job's trainable tensors may leave: never a base-model tensor or an input.
+            raise FedtrainError(f"the update holds {sorted(update)}, not the job's trainable tensors; nothing is sent")
         return pb.ResultBundle(
             header=pb.ResultHeader(node_id=self.node_id, task_id=task.task_id, metrics=encode_values(metrics)),
-            tensors=list(encode_arrays(arrays_to_numpy(reply.content["arrays"]))),
+            tensors=list(encode_arrays(update)),
         )
 
     def _deliver(self, row: LedgerRow, bundle: pb.ResultBundle) -> None:

@@ -67,7 +67,7 @@ def write_texts(path, texts, labels=None):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    """A ~0.1M-parameter Llama with a word-level tokenizer, written with save_pretrained (safetensors)."""
+    """A ~0.3M-parameter Llama with a word-level tokenizer, written with save_pretrained (safetensors)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -80,7 +80,7 @@ def tiny_llama(tmp_path_factory):
                                    eos_token="</s>")
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                          pad_token_id=0, bos_token_id=2, eos_token_id=3)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -93,7 +93,7 @@ def llm_spec(base, **over):
     spec = {
         "name": "tiny-lm", "task": "causal-lm",
         "model": {"kind": "transformer", "base": str(base), "sha256": weights_digest(base), "max_length": 12},
-        "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+        "adapter": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
         "data": {"text": "text"},
         "training": {"rounds": 2, "batch_size": 16, "learning_rate": 0.5},
         "privacy": {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0},

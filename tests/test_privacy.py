@@ -3,10 +3,10 @@ import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
+from torch.utils.data import TensorDataset
 
-from fedtrain.data import Table
 from fedtrain.errors import BudgetExceeded
-from fedtrain.models.tabular import build_model
+from fedtrain.models import build_model
 from fedtrain.privacy.accounting import RoundPlan, epsilon, plan_round
 from fedtrain.privacy.engine import train_private
 from fedtrain.privacy.ledger import PrivacyLedger
@@ -58,7 +58,7 @@ def test_dp_training_records_the_planned_spend_and_learns(cancer):
     x, y = cancer
     x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
     spec = make_spec(training={"rounds": 1, "local_epochs": 3}, privacy={"epsilon": 8.0})
-    table = Table(x[:300], y[:300].astype(np.int64))
+    table = TensorDataset(torch.from_numpy(x[:300]), torch.from_numpy(y[:300].astype(np.int64)))
     plan = plan_round(spec, len(table))
     torch.manual_seed(0)
     model = build_model(spec)

@@ -141,3 +141,18 @@ def load_dataset(path: str | Path, spec: JobSpec) -> TensorDataset:
     if table.labels is not None:
         tensors.append(torch.from_numpy(table.labels))
     return TensorDataset(*tensors)
+
+
+def save_adapter(model: nn.Module, spec: JobSpec, out: Path, merged: bool) -> list[Path]:
+    """Write ``model``'s adapter as a peft directory that ``PeftModel.from_pretrained`` loads,
+    with the base's tokenizer; with ``merged``, also the merged full model under ``out/merged``."""
+    tokenizer = load_tokenizer(verified_base(spec))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    written = [out]
+    if merged:
+        full = model.merge_and_unload()
+        full.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+        written.append(out / "merged")
+    return written

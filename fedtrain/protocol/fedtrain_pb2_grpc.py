@@ -342,7 +342,7 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchModel(self, request, context):
-        """The latest global model of a job.
+        """A job's global model (its trainable tensors) after a round, by default the latest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
