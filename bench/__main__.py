@@ -1,29 +1,43 @@
 """`make bench`: ratios measured side by side in one run.
 
+Tabular MLPs:
 - DP-SGD step time / plain SGD step time, same model, data and batch size.
 - Bytes a node puts on the wire for one round's update / raw parameter bytes.
+
+LoRA on the shipped MiniLM (text classification):
+- DP-SGD step time / plain step time.
+- Peak RSS of a node process training one DP round / size of the base model's weights.
+- Bytes on the wire for one round's update / adapter bytes.
+- Held-out accuracy of the federated DP job (the text demo, ε = 8) / centralized non-private LoRA.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from rich.table import Table
+from torch.utils.data import TensorDataset
 
 from fedtrain.console import console
-from fedtrain.data import Table as DataTable
-from fedtrain.models.tabular import build_model, state_to_numpy
+from fedtrain.models import build_model, load_dataset, loss_fn, trainable_state
+from fedtrain.models.transformer import resolve_base, weight_files
 from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.privacy.engine import train_private
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import encode_arrays, encode_values
-from fedtrain.spec import parse_job_spec
+from fedtrain.spec import JobSpec, parse_job_spec
 from fedtrain.training import train_plain
 
 
-def spec_for(width: int, hidden: list[int]):
+def spec_for(width: int, hidden: list[int]) -> JobSpec:
     return parse_job_spec({
         "name": "bench", "model": {"kind": "mlp", "hidden": hidden},
         "data": {"features": [f"f{i}" for i in range(width)], "label": "y"},
@@ -32,28 +46,24 @@ def spec_for(width: int, hidden: list[int]):
     })
 
 
-def step_times(spec, n: int = 4096, repeats: int = 3) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    width = len(spec.data.features)
-    table = DataTable(rng.normal(size=(n, width)).astype(np.float32), rng.integers(0, 2, n).astype(np.int64))
-    steps = n // spec.training.batch_size
+def step_times(spec: JobSpec, data: TensorDataset, repeats: int) -> tuple[float, float]:
+    steps = max(1, len(data) // spec.training.batch_size)
     plan = RoundPlan(noise_multiplier=1.0, sample_rate=1 / steps, steps=steps)
     best_plain, best_dp = float("inf"), float("inf")
     for _ in range(repeats):  # interleaved, best of N: both see the same machine state
-        torch.manual_seed(0)
         model = build_model(spec)
         t = time.perf_counter()
-        train_plain(model, table, spec.training, epochs=1)
+        train_plain(model, data, spec.training, 1, loss_fn(spec))
         best_plain = min(best_plain, (time.perf_counter() - t) / steps)
         model = build_model(spec)
         t = time.perf_counter()
-        train_private(model, table, spec, plan)
+        train_private(model, data, spec, plan)
         best_dp = min(best_dp, (time.perf_counter() - t) / steps)
     return best_plain, best_dp
 
 
-def wire_ratio(spec) -> tuple[int, int]:
-    arrays = state_to_numpy(build_model(spec))
+def wire_bytes(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(bytes of one round's result stream, raw bytes of its tensors)."""
     raw = sum(a.nbytes for a in arrays.values())
     header = pb.ResultHeader(node_id=1, task_id="0" * 32, metrics=encode_values(
         {"num-examples": 1000, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
@@ -62,18 +72,83 @@ def wire_ratio(spec) -> tuple[int, int]:
     return sum(p.ByteSize() for p in parts), raw
 
 
-def main() -> None:
-    table = Table(title="fedtrain benchmarks (ratios from one run)")
+def tabular() -> None:
+    table = Table(title="tabular MLPs")
     for col in ("model", "params", "plain ms/step", "DP ms/step", "DP / plain", "wire bytes / raw bytes"):
         table.add_column(col)
+    rng = np.random.default_rng(0)
     for width, hidden in ((30, [32]), (256, [512, 512])):
         spec = spec_for(width, hidden)
+        data = TensorDataset(torch.from_numpy(rng.normal(size=(4096, width)).astype(np.float32)),
+                             torch.from_numpy(rng.integers(0, 2, 4096)))
+        torch.manual_seed(0)
+        plain, dp = step_times(spec, data, repeats=3)
+        wire, raw = wire_bytes(trainable_state(build_model(spec)))
         params = sum(p.numel() for p in build_model(spec).parameters())
-        plain, dp = step_times(spec)
-        wire, raw = wire_ratio(spec)
         table.add_row(f"mlp {width}-{'-'.join(map(str, hidden))}-2", f"{params:,}", f"{plain * 1e3:.2f}",
                       f"{dp * 1e3:.2f}", f"{dp / plain:.2f}x", f"{wire / raw:.4f}")
     console.print(table)
+
+
+# One DP round as a node process runs it, in a fresh interpreter, reporting its own peak RSS.
+_NODE_ROUND = """
+import json, resource, sys
+from fedtrain.models import build_model, load_dataset
+from fedtrain.privacy.accounting import plan_round
+from fedtrain.privacy.engine import train_private
+from fedtrain.spec import job_spec_from_json
+spec = job_spec_from_json(open(sys.argv[1]).read())
+data = load_dataset(sys.argv[2], spec)
+train_private(build_model(spec), data, spec, plan_round(spec, len(data)))
+print(json.dumps({"max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def lora(with_demo: bool) -> None:
+    from fedtrain.demo_text import run_text_demo, text_spec, write_text_shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shards, test = write_text_shards(tmp, per_node=256, test_size=64)
+        spec = text_spec(test, rounds=1, epsilon=8.0)
+        spec = JobSpec.model_validate({**spec.model_dump(), "training": {**spec.training.model_dump(),
+                                                                          "batch_size": 32}})
+        data = load_dataset(shards[0], spec)
+        torch.manual_seed(0)
+        plain, dp = step_times(spec, data, repeats=2)
+        (tmp / "job.json").write_text(spec.canonical_json())
+        proc = subprocess.run([sys.executable, "-c", _NODE_ROUND, str(tmp / "job.json"), str(shards[0])],
+                              capture_output=True, text=True, check=True)
+        rss = json.loads(proc.stdout.strip().splitlines()[-1])["max_rss_kib"] * 1024
+        model_bytes = sum(f.stat().st_size for f in weight_files(resolve_base(spec.model.base)))
+        adapter = trainable_state(build_model(spec))
+        wire, raw = wire_bytes(adapter)
+        report = None
+        if with_demo:
+            report = run_text_demo(tmp / "demo")
+
+    table = Table(title="LoRA (r=4, query/value) on MiniLM-L6, 32 tokens, batch 32")
+    for col in ("measure", "value", "ratio", "goal"):
+        table.add_column(col)
+    table.add_row("DP-SGD / plain step time", f"{dp * 1e3:.0f} / {plain * 1e3:.0f} ms", f"{dp / plain:.2f}x", "<= 1.3x")
+    table.add_row("node peak RSS / base weights", f"{rss / 2**20:.0f} / {model_bytes / 2**20:.0f} MiB",
+                  f"{rss / model_bytes:.2f}x", "")
+    table.add_row("wire bytes per round / adapter bytes", f"{wire:,} / {raw:,}", f"{wire / raw:.4f}", "<= 1.05")
+    if report is not None:
+        fed = report["rounds"][-1]["accuracy"]
+        table.add_row("accuracy: federated DP (ε=8) / centralized no DP",
+                      f"{fed:.3f} / {report['centralized']['accuracy']:.3f} (untuned {report['untuned']['accuracy']:.3f})",
+                      f"{report['accuracy_ratio']:.3f}", "")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-demo", action="store_true", help="skip the federated text demo (a few minutes)")
+    args = parser.parse_args()
+    tabular()
+    lora(with_demo=not args.no_demo)
 
 
 if __name__ == "__main__":

@@ -175,13 +175,23 @@ def follow(client: CoordinatorClient, job_id: str, poll: float = 0.5) -> pb.JobS
             time.sleep(poll)
 
 
-def _demo(out: Path = typer.Option(Path("out/demo"), help="Directory for report.json, report.png and all state."),
-          rounds: int = typer.Option(5, help="Federated rounds."),
-          epsilon: float = typer.Option(3.0, help="Total epsilon per node for the job.")) -> None:
-    """Run the breast-cancer demo: a coordinator and 3 nodes on 127.0.0.1, FedAvg under DP-SGD."""
-    from fedtrain.demo import run_demo
+def _demo(out: Path = typer.Option(None, help="Directory for report.json, report.png and all state."),
+          text: bool = typer.Option(False, "--text", help="LoRA fine-tuning of MiniLM on tweets instead."),
+          rounds: int = typer.Option(None, help="Federated rounds (5 tabular, 4 text)."),
+          epsilon: float = typer.Option(None, help="Total epsilon per node for the job (3 tabular, 8 text).")) -> None:
+    """Run a demo on 127.0.0.1: a coordinator and 3 node processes, FedAvg under DP-SGD.
 
-    run_demo(out, rounds=rounds, epsilon=epsilon)
+    By default breast-cancer data and a logistic model; with --text, sentiment of
+    tweets with the shipped MiniLM encoder and a LoRA adapter.
+    """
+    if text:
+        from fedtrain.demo_text import run_text_demo
+
+        run_text_demo(out or Path("out/demo-text"), rounds=rounds or 4, epsilon=epsilon or 8.0)
+    else:
+        from fedtrain.demo import run_demo
+
+        run_demo(out or Path("out/demo"), rounds=rounds or 5, epsilon=epsilon or 3.0)
 
 
 app.command("demo")(_demo)

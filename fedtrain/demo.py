@@ -21,6 +21,7 @@ from fedtrain.cli import follow, status_table
 from fedtrain.console import console
 from fedtrain.data import load_table, write_table
 from fedtrain.errors import FedtrainError
+from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.launch import LocalConsortium
 from fedtrain.models import build_model, evaluate, initial_state, load_dataset, load_trainable_state, loss_fn
 from fedtrain.policy import load_policy
@@ -74,13 +75,19 @@ def centralized_baseline(spec: JobSpec, shards: list[Path], test: Path) -> dict[
         torch.from_numpy(((features - features.mean(axis=0)) / np.where(std > 0, std, 1)).astype(np.float32)),
         torch.from_numpy(np.concatenate([t.labels for t in tables])),
     )
+    return train_centrally(spec, union, test)
+
+
+def train_centrally(spec: JobSpec, union: TensorDataset, test: Path) -> dict[str, float]:
+    """Train the job's starting model without DP on pooled data, for as many epochs as the
+    job's rounds x local epochs, and evaluate it on the test file."""
     model = build_model(spec)
     load_trainable_state(model, initial_state(spec))
     train_plain(model, union, spec.training, spec.training.rounds * spec.training.local_epochs, loss_fn(spec))
     return evaluate(model, load_dataset(test, spec), spec)
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,11 +100,85 @@ def plot(report: dict, path: Path) -> None:
     ax.axhline(report["centralized"]["accuracy"], color="gray", linestyle="--", label="centralized, no DP")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
-    ax.set_title("breast cancer, 3 nodes")
+    ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_local_job(out: Path, spec: JobSpec, shards: dict[str, Path], policy: dict) -> tuple[str, pb.JobStatus, dict]:
+    """Run ``spec`` on a local coordinator and one node process per shard; show progress.
+
+    Returns the job id, its final status and each node's ledger rows and lifetime spend.
+    """
+    policy_path = out / "policy.yaml"
+    policy_path.write_text(yaml.safe_dump(policy))
+    (out / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    node_policy = load_policy(policy_path)
+    with LocalConsortium(out / "run") as consortium:
+        address = consortium.start_coordinator()
+        console.print(f"coordinator on {address}; starting {len(shards)} nodes")
+        for name, shard in shards.items():
+            consortium.start_node(name, shard, policy_path)
+        with consortium.client() as client:
+            job_id = client.submit(spec)
+            status = follow(client, job_id)
+        ledgers = {}
+        for name in shards:
+            ledger = PrivacyLedger(consortium.node_state(name) / "ledger.db",
+                                   max_epsilon=node_policy.max_epsilon, delta=node_policy.delta)
+            ledgers[name] = (ledger.rows(job_id), ledger.spent())
+            ledger.close()
+    if status.state != "finished":
+        raise FedtrainError(f"the demo job {status.state}: {status.error}; logs in {out / 'run' / 'logs'}")
+    return job_id, status, {
+        name: {
+            "noise_multiplier": rows[-1].noise_multiplier if rows else None,
+            "sample_rate": rows[-1].sample_rate if rows else None,
+            "steps": sum(r.steps for r in rows),
+            "delta": spec.privacy.delta,
+            "epsilon": rows[-1].job_epsilon if rows else 0.0,
+            "lifetime_epsilon": spent,
+            "max_epsilon": node_policy.max_epsilon,
+        }
+        for name, (rows, spent) in ledgers.items()
+    }
+
+
+def write_report(out: Path, spec: JobSpec, job_id: str, status: pb.JobStatus, nodes: dict,
+                 baselines: dict[str, dict], title: str) -> dict:
+    """report.json and report.png, and the tables on the console."""
+    report = {
+        "job": {"id": job_id, "epsilon": spec.privacy.epsilon, "delta": spec.privacy.delta,
+                "rounds": spec.training.rounds, "nodes": list(nodes)},
+        "nodes": nodes,
+        "rounds": [
+            {"round": r.round, "accuracy": r.metrics["accuracy"], "loss": r.metrics["loss"],
+             "wall_seconds": r.wall_seconds, "nodes_ok": sum(not n.refusal for n in r.nodes)}
+            for r in status.rounds
+        ],
+        **baselines,
+    }
+    final = report["rounds"][-1]["accuracy"]
+    report["accuracy_ratio"] = final / report["centralized"]["accuracy"]
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot(report, out / "report.png", title)
+
+    console.print(status_table(status))
+    budget = Table(title="privacy budget per node")
+    for col in ("node", "noise multiplier", "sample rate", "steps", "job epsilon", "lifetime spent / budget"):
+        budget.add_column(col)
+    for name, n in nodes.items():
+        budget.add_row(name, f"{n['noise_multiplier']:.3f}", f"{n['sample_rate']:.3f}", str(n["steps"]),
+                       f"{n['epsilon']:.3f} (δ={n['delta']:g})", f"{n['lifetime_epsilon']:.3f} / {n['max_epsilon']:g}")
+    console.print(budget)
+    others = "".join(f", {name} {b['accuracy']:.4f}" for name, b in baselines.items() if name != "centralized")
+    console.print(
+        f"federated DP accuracy {final:.4f} vs centralized non-private {report['centralized']['accuracy']:.4f}"
+        f" (ratio {report['accuracy_ratio']:.3f}){others}\nreport: {out / 'report.json'}, {out / 'report.png'}"
+    )
+    return report
 
 
 def run_demo(out: Path, rounds: int = 5, epsilon: float = 3.0) -> dict:
@@ -105,66 +186,7 @@ def run_demo(out: Path, rounds: int = 5, epsilon: float = 3.0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     columns, shards, test = write_shards(out, len(NODES))
     spec = demo_spec(columns, test, rounds, epsilon)
-    policy = out / "policy.yaml"
-    policy.write_text(yaml.safe_dump({"max_epsilon": 10.0, "delta": 1e-5, "max_rounds_per_job": 50}))
-    (out / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-
-    with LocalConsortium(out / "run") as consortium:
-        address = consortium.start_coordinator()
-        console.print(f"coordinator on {address}; starting {len(NODES)} nodes")
-        for name, shard in zip(NODES, shards):
-            consortium.start_node(name, shard, policy)
-        with consortium.client() as client:
-            job_id = client.submit(spec)
-            status = follow(client, job_id)
-        ledgers = {}
-        node_policy = load_policy(policy)
-        for name in NODES:
-            ledger = PrivacyLedger(consortium.node_state(name) / "ledger.db",
-                                   max_epsilon=node_policy.max_epsilon, delta=node_policy.delta)
-            ledgers[name] = (ledger.rows(job_id), ledger.spent())
-            ledger.close()
-    if status.state != "finished":
-        raise FedtrainError(f"the demo job {status.state}: {status.error}; logs in {out / 'run' / 'logs'}")
-
+    job_id, status, nodes = run_local_job(
+        out, spec, dict(zip(NODES, shards)), {"max_epsilon": 10.0, "delta": 1e-5, "max_rounds_per_job": 50})
     central = centralized_baseline(spec, shards, test)
-    report = {
-        "job": {"id": job_id, "epsilon": epsilon, "delta": spec.privacy.delta, "rounds": rounds, "nodes": list(NODES)},
-        "nodes": {
-            name: {
-                "noise_multiplier": rows[-1].noise_multiplier if rows else None,
-                "sample_rate": rows[-1].sample_rate if rows else None,
-                "steps": sum(r.steps for r in rows),
-                "delta": spec.privacy.delta,
-                "epsilon": rows[-1].job_epsilon if rows else 0.0,
-                "lifetime_epsilon": spent,
-                "max_epsilon": node_policy.max_epsilon,
-            }
-            for name, (rows, spent) in ledgers.items()
-        },
-        "rounds": [
-            {"round": r.round, "accuracy": r.metrics["accuracy"], "loss": r.metrics["loss"],
-             "wall_seconds": r.wall_seconds,
-             "nodes_ok": sum(not n.refusal for n in r.nodes)}
-            for r in status.rounds
-        ],
-        "centralized": central,
-    }
-    final = report["rounds"][-1]["accuracy"]
-    report["accuracy_ratio"] = final / central["accuracy"]
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    plot(report, out / "report.png")
-
-    console.print(status_table(status))
-    budget = Table(title="privacy budget per node")
-    for col in ("node", "noise multiplier", "sample rate", "steps", "job epsilon", "lifetime spent / budget"):
-        budget.add_column(col)
-    for name, n in report["nodes"].items():
-        budget.add_row(name, f"{n['noise_multiplier']:.3f}", f"{n['sample_rate']:.3f}", str(n["steps"]),
-                       f"{n['epsilon']:.3f} (δ={n['delta']:g})", f"{n['lifetime_epsilon']:.3f} / {n['max_epsilon']:g}")
-    console.print(budget)
-    console.print(
-        f"federated DP accuracy {final:.4f} vs centralized non-private {central['accuracy']:.4f}"
-        f" (ratio {report['accuracy_ratio']:.3f})\nreport: {out / 'report.json'}, {out / 'report.png'}"
-    )
-    return report
+    return write_report(out, spec, job_id, status, nodes, {"centralized": central}, "breast cancer, 3 nodes")

@@ -83,3 +83,32 @@ def test_three_nodes_fine_tune_a_tiny_llm_and_only_the_adapter_leaves(tmp_path, 
         torch.testing.assert_close(loaded.eval()(input_ids=ids[0], attention_mask=ids[1]).logits, expected)
         torch.testing.assert_close(merged.eval()(input_ids=ids[0], attention_mask=ids[1]).logits, expected,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_minilm_sentiment_classification_on_a_slice_of_real_tweets(tmp_path):
+    from fedtrain.demo_text import NODES, text_spec, write_text_shards
+
+    shards, test = write_text_shards(tmp_path, per_node=32, test_size=48)
+    spec = text_spec(test, rounds=1, epsilon=8.0).model_copy(deep=True)
+    spec = spec.model_validate({**spec.model_dump(), "model": {**spec.model.model_dump(), "max_length": 16},
+                                "training": {**spec.training.model_dump(), "batch_size": 16}})
+    policy = write_policy(tmp_path / "policy.yaml", max_epsilon=10.0)
+    with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
+        address = c.start_coordinator()
+        for name, shard in zip(NODES, shards):
+            c.start_node(name, shard, policy)
+        with c.client() as client:
+            job_id = client.submit(spec)
+            status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"), timeout=240)
+        assert status.state == "finished", status.error
+        evaluated = json.loads(cli("job", "eval", job_id, "--data", str(test), "--round", "1", "--json",
+                                   "--coordinator", address).stdout)
+    # The operator's evaluation of the fetched adapter is the coordinator's own, on the same file.
+    assert evaluated["round"] == 1
+    assert evaluated["accuracy"] == pytest.approx(status.rounds[1].metrics["accuracy"])
+    assert evaluated["loss"] == pytest.approx(status.rounds[1].metrics["loss"], rel=1e-4)
+    manifest = expected_manifest(spec)
+    assert any("classifier" in k for k in manifest) and all("lora_" in k or "classifier" in k for k in manifest)
+    adapter_bytes = sum(t.nbytes for t in manifest.values())
+    for n in status.rounds[1].nodes:
+        assert n.bytes_received <= 1.05 * adapter_bytes + HEADER_BYTES + PER_TENSOR_BYTES * len(manifest)

@@ -163,3 +163,30 @@ def test_text_files_in_csv_jsonl_and_parquet_read_the_same(minilm_digest, tmp_pa
     write_texts(tmp_path / "bad.csv", texts, ["positive", "meh", "negative"])
     with pytest.raises(SpecError, match=r"row 2: label 'meh' is not one of the job's classes"):
         load_dataset(tmp_path / "bad.csv", spec)
+
+
+def test_a_node_whose_base_model_differs_refuses_the_job_before_training(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fedtrain.policy import Decision, NodePolicy, review_job
+    from fedtrain.privacy.ledger import PrivacyLedger
+
+    # The node's copy of the base: same architecture and tokenizer, other weights.
+    other = tmp_path / "node-copy"
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(tiny_llama).config)
+    model.save_pretrained(other)
+    for f in tiny_llama.glob("tokenizer*"):
+        (other / f.name).write_bytes(f.read_bytes())
+    spec = llm_spec(tiny_llama, model={"base": str(other)})  # the job pins tiny_llama's hash
+    ledger = PrivacyLedger(tmp_path / "ledger.db", max_epsilon=10.0, delta=1e-5)
+    review = review_job(spec, NodePolicy(max_epsilon=10.0), ledger, 100)
+    assert review.decision is Decision.REFUSED
+    assert "holds a different base model" in review.reason and spec.model.sha256[:16] in review.reason
+
+    same = llm_spec(tiny_llama)
+    assert review_job(same, NodePolicy(max_epsilon=10.0), ledger, 100).decision is Decision.ACCEPTED
+    allow_other = NodePolicy(max_epsilon=10.0, allowed_base_models=[weights_digest(other)])
+    assert "not in allowed_base_models" in review_job(same, allow_other, ledger, 100).reason
+    assert "'transformer' is not in allowed_models" in review_job(
+        same, NodePolicy(max_epsilon=10.0, allowed_models=["logistic"]), ledger, 100).reason

@@ -99,6 +99,7 @@ def _load_base(spec: JobSpec, path: Path) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the new task head is "missing" from the checkpoint by design
+    hf_logging.disable_progress_bar()
     common = {"local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
     if spec.task == "causal-lm":
         return AutoModelForCausalLM.from_pretrained(path, **common)
