@@ -12,8 +12,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Message, RecordDict
@@ -21,7 +21,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedtrain.client_app import arrays_to_numpy
-from fedtrain.protocol.codec import TensorInfo, manifest_of
+from fedtrain.protocol import fedtrain_pb2 as pb
+from fedtrain.protocol.codec import Manifest, manifest_of
 from coordinator.store import Store
 
 # A node counts as connected while it has polled within this many seconds.
@@ -39,11 +40,11 @@ class Task:
     node_id: int
     round: int
     message: Message
-    arrays: dict[str, np.ndarray]
-    manifest: dict[str, TensorInfo] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.manifest = manifest_of(self.arrays)
+    arrays: dict[str, np.ndarray]       # what the node fetches: the global model, or nothing
+    expect: Manifest                    # the tensors its result must hold, exactly
+    secagg: pb.SecAggRequest | None = None
+    # Checks and takes in a result before it counts as the reply (raises WireError).
+    accept: Callable[[pb.ResultHeader, dict[str, np.ndarray]], None] | None = None
 
 
 class Mailbox:
@@ -128,6 +129,8 @@ class NetworkGrid(Grid):
         self.mailbox = mailbox
         self.cancelled = cancelled
         self._run = Run.create_empty(run_id)
+        # Runs a training round with secure aggregation instead of in the clear (set by the runner).
+        self.secure: Callable[[list[Message], float | None], list[Message]] | None = None
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -148,28 +151,37 @@ class NetworkGrid(Grid):
             raise JobCancelled(f"job {self.job_id} was cancelled")
         return self.store.accepted_nodes(self.job_id, seen_since=time.time() - NODE_LIVENESS_SECONDS)
 
+    def post(self, msg: Message, arrays: dict[str, np.ndarray], expect: Manifest,
+             secagg: pb.SecAggRequest | None = None, accept: Callable | None = None) -> str:
+        """Queue ``msg`` for its node; returns the task id."""
+        task_id = uuid.uuid4().hex
+        # Flower derives message ids on its own links; ours are the task ids.
+        msg.metadata.__dict__["_message_id"] = task_id
+        round = int(msg.content["config"]["server-round"])
+        self.mailbox.post(Task(task_id, self.job_id, msg.metadata.dst_node_id, round, msg, arrays, expect,
+                               secagg, accept))
+        self.store.set_job_state(self.job_id, "running")
+        return task_id
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            task_id = uuid.uuid4().hex
-            # Flower derives message ids on its own links; ours are the task ids.
-            msg.metadata.__dict__["_message_id"] = task_id
-            round = int(msg.content["config"]["server-round"])
-            self.mailbox.post(
-                Task(task_id, self.job_id, msg.metadata.dst_node_id, round, msg,
-                     arrays_to_numpy(msg.content["arrays"]))
-            )
-            ids.append(task_id)
-        if ids:
-            self.store.set_job_state(self.job_id, "running")
+            arrays = arrays_to_numpy(msg.content["arrays"])
+            ids.append(self.post(msg, arrays, expect=manifest_of(arrays)))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.mailbox.collect(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        ids = set(self.push_messages(messages))
-        self.mailbox.wait_replies(ids, timeout)
-        replies = self.mailbox.collect(ids)
-        self.mailbox.expire(ids)
+    def exchange(self, task_ids: set[str], timeout: float | None) -> list[Message]:
+        """Wait for the replies to ``task_ids``; the tasks still unanswered expire."""
+        self.mailbox.wait_replies(task_ids, timeout)
+        replies = self.mailbox.collect(task_ids)
+        self.mailbox.expire(task_ids)
         return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if self.secure is not None and messages and messages[0].metadata.message_type == "train":
+            return self.secure(messages, timeout)
+        return self.exchange(set(self.push_messages(messages)), timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
 from fedtrain.models import build_model, evaluate, load_trainable_state
 from fedtrain.spec import JobSpec
 from coordinator.grid import Mailbox, NetworkGrid
+from coordinator.secure_round import AGGREGATED_NODES, secure_round
 from coordinator.store import Store
 
 log = logging.getLogger("fedtrain.coordinator")
@@ -25,7 +27,7 @@ log = logging.getLogger("fedtrain.coordinator")
 STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 
 
-def build_strategy(spec: JobSpec, on_too_few: Callable[[int, int], None]) -> Strategy:
+def build_strategy(spec: JobSpec, on_too_few: Callable[[int, int, list[str]], None]) -> Strategy:
     """The job's Flower strategy, made to skip rounds with fewer than ``min_nodes`` results.
 
     Federated evaluation is off: per-node metrics on local data would leave the
@@ -36,9 +38,10 @@ def build_strategy(spec: JobSpec, on_too_few: Callable[[int, int], None]) -> Str
     class MinNodes(base):  # type: ignore[misc, valid-type]
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):
             replies = list(replies)
-            ok = sum(not r.has_error() for r in replies)
+            # A securely aggregated round is one reply that stands for several nodes.
+            ok = sum(int(r.content["metrics"].get(AGGREGATED_NODES, 1)) for r in replies if not r.has_error())
             if ok < spec.min_nodes:
-                on_too_few(server_round, ok)
+                on_too_few(server_round, ok, sorted({r.error.reason for r in replies if r.has_error()}))
                 return None, None
             return super().aggregate_train(server_round, replies)
 
@@ -65,14 +68,18 @@ class JobRunner(threading.Thread):
         self.store = store
         self.cancelled = threading.Event()
         self.grid = NetworkGrid(job_id, store, mailbox, run_id, self.cancelled)
+        if spec.secagg is not None:
+            self.grid.secure = functools.partial(secure_round, self.grid, spec)
         self.initial = initial
         self.eval_data = eval_data
         self._eval_model: nn.Module | None = None  # built once: a transformer base is large
         self._round_started = time.monotonic()
         self._short_rounds: dict[int, str] = {}
 
-    def _too_few(self, server_round: int, ok: int) -> None:
+    def _too_few(self, server_round: int, ok: int, errors: list[str]) -> None:
         msg = f"only {ok} node result(s), fewer than min_nodes={self.spec.min_nodes}; global model unchanged"
+        if errors:
+            msg += f" ({'; '.join(errors)})"
         log.warning("job %s round %d: %s", self.job_id, server_round, msg)
         self._short_rounds[server_round] = msg
 

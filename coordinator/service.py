@@ -127,6 +127,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 return pb.PollReply(task=pb.TaskHeader(
                     task_id=task.task_id, job_id=task.job_id, round=task.round,
                     message_type=task.message.metadata.message_type, config=encode_values(config),
+                    secagg=task.secagg,
                 ))
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not context.is_active():
@@ -176,11 +177,14 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                         raise WireError("only tensor chunks may follow the ResultHeader")
                     nbytes += part.ByteSize()
                     chunks.append(part.tensor)
-                max_bytes = sum(i.nbytes for i in task.manifest.values())
-                arrays = decode_arrays(chunks, expected=task.manifest, max_total_bytes=max_bytes)
-                require_finite(arrays)
-                if not isinstance(metrics.get("num-examples"), int) or metrics["num-examples"] < 1:
-                    raise WireError("metrics must include a positive integer 'num-examples'")
+                max_bytes = sum(i.nbytes for i in task.expect.values())
+                arrays = decode_arrays(chunks, expected=task.expect, max_total_bytes=max_bytes)
+                if task.accept is not None:
+                    task.accept(header, arrays)
+                else:
+                    require_finite(arrays)
+                    if not isinstance(metrics.get("num-examples"), int) or metrics["num-examples"] < 1:
+                        raise WireError("metrics must include a positive integer 'num-examples'")
                 numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                 reply = Message(
                     RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": MetricRecord(numeric)}),

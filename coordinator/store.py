@@ -182,9 +182,14 @@ class Store:
     def record_node_round(
         self, job_id: str, round: int, node_id: int, metrics: dict, refusal: str, bytes_received: int
     ) -> None:
+        """Add what a node sent in a round. A securely aggregated round takes several messages:
+        bytes add up, and the metrics and refusal of the latest message that has them stay."""
         self._exec(
-            "INSERT OR REPLACE INTO node_rounds (job_id, round, node_id, metrics_json, refusal, bytes_received)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO node_rounds (job_id, round, node_id, metrics_json, refusal, bytes_received)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, round, node_id) DO UPDATE SET"
+            " metrics_json = CASE WHEN excluded.metrics_json = '{}' THEN metrics_json ELSE excluded.metrics_json END,"
+            " refusal = CASE WHEN excluded.refusal = '' THEN refusal ELSE excluded.refusal END,"
+            " bytes_received = bytes_received + excluded.bytes_received",
             (job_id, round, node_id, json.dumps(metrics), refusal, bytes_received),
         )
 

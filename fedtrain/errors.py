@@ -15,3 +15,7 @@ class WireError(FedtrainError, ValueError):
 
 class BudgetExceeded(FedtrainError):
     """Running the requested work would spend more privacy budget than the policy allows."""
+
+
+class SecAggError(FedtrainError):
+    """A secure aggregation round cannot go on, e.g. too few nodes are left to unmask the sum."""

@@ -150,6 +150,38 @@ class StrategySpec(_Strict):
     params: dict[str, float] = Field(default_factory=dict)
 
 
+class SecureAggregationSpec(_Strict):
+    """SecAgg+ (Bell et al., CCS 2020): the coordinator learns only the sum of the updates.
+
+    ``true``/``false`` is shorthand for ``{enabled: ...}``. Left out, it is on for
+    jobs with ``min_nodes`` >= 3. See ``fedtrain.secagg`` for the protocol.
+    """
+
+    enabled: bool = True
+    # Each coordinate of a node's weighted update (its change to the global model) is
+    # clipped to [-clip_range, clip_range] before quantization. Default: see
+    # fedtrain.secagg.encoding.clip_range.
+    clip_range: PositiveFloat | None = None
+    # A node's weight in the average is min(examples, max_weight) / max_weight; it
+    # travels inside the masked vector, so the coordinator never sees a shard size.
+    max_weight: Annotated[int, Field(ge=1, le=1 << 30)] = 10_000
+    # Share holders per node, itself included (odd). Default: 2*ceil(log2 n) + 1, all
+    # nodes when that is at least n.
+    neighbours: Annotated[int, Field(ge=3, le=10_001)] | None = None
+    # Reconstructing a node's secret needs more than this fraction of its share holders.
+    # At least 1/2, so that no one can collect both of a node's secrets.
+    threshold: Annotated[float, Field(ge=0.5, lt=1)] = 0.5
+    # Seconds to wait for the answers to the stages that do not train.
+    stage_timeout: PositiveFloat = 60.0
+
+    @field_validator("neighbours")
+    @classmethod
+    def _odd(cls, v: int | None) -> int | None:
+        if v is not None and v % 2 == 0:
+            raise ValueError("neighbours must be odd: each node has as many share holders on either side of it")
+        return v
+
+
 class EvaluationSpec(_Strict):
     """Centralized evaluation on a table on the coordinator's own disk (optional)."""
 
@@ -168,10 +200,23 @@ class JobSpec(_Strict):
     privacy: PrivacySpec
     min_nodes: Annotated[int, Field(ge=1, le=10_000)] = 2
     strategy: StrategySpec = StrategySpec()
+    secure_aggregation: SecureAggregationSpec
     evaluation: EvaluationSpec | None = None
     # Seconds the coordinator waits for a round's results before going on without
     # the nodes that have not answered.
     round_timeout: PositiveFloat = 600.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secure_aggregation_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            value = data.get("secure_aggregation")
+            if value is None:
+                min_nodes = data.get("min_nodes", 2)
+                value = isinstance(min_nodes, int) and min_nodes >= 3
+            if isinstance(value, bool):
+                data = {**data, "secure_aggregation": {"enabled": value}}
+        return data
 
     @model_validator(mode="after")
     def _parts_fit_the_task(self) -> JobSpec:
@@ -189,7 +234,17 @@ class JobSpec(_Strict):
                 "a transformer is fine-tuned through an adapter: add adapter: {r: 8, target_modules: [...]}"
                 if self.adapter is None else "adapters apply to transformer models only"
             )
+        if self.secure_aggregation.enabled and self.min_nodes < 3:
+            raise ValueError(
+                "secure aggregation needs min_nodes >= 3: with two nodes, each can subtract its own update from"
+                " the sum and learn the other's; raise min_nodes or set secure_aggregation: false"
+            )
         return self
+
+    @property
+    def secagg(self) -> SecureAggregationSpec | None:
+        """The secure aggregation settings, or None when the job aggregates in the clear."""
+        return self.secure_aggregation if self.secure_aggregation.enabled else None
 
     @property
     def num_classes(self) -> int | None:

@@ -7,14 +7,15 @@ the ledger *before* sending it, and writes every outbound message to the audit l
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 from flwr.app import DEFAULT_TTL, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedtrain.audit import AuditLog
@@ -31,19 +32,31 @@ from fedtrain.protocol.codec import (
     GRPC_OPTIONS, PROTOCOL_VERSION, TensorInfo, decode_arrays, decode_values, encode_arrays, encode_values, manifest_of,
     payload_digest,
 )
+from fedtrain.secagg.encoding import MASKED_TENSOR, clip_range, encode, node_weight
+from fedtrain.secagg.node import SecAggNode
 from fedtrain.spec import JobSpec, job_spec_from_json
 from nodes.jobs import JobBook
 
 log = logging.getLogger("fedtrain.node")
 
-# Set to "after-ledger-commit" to crash the agent between charging a round and sending
-# it: the crash-recovery tests use it to prove that no spend is lost.
+# Makes the agent stop dead at a point, for the tests of crashes and dropouts:
+# "after-ledger-commit" (between charging a round and sending it: no spend is lost),
+# "secagg-before-masked" (shares exchanged, no masked update sent) and
+# "secagg-after-masked" (masked update sent, unmask stage never answered).
 FAILPOINT_ENV = "FEDTRAIN_FAILPOINT"
 _PROTO_DECISION = {
     Decision.ACCEPTED: pb.OfferAnswer.ACCEPTED,
     Decision.REFUSED: pb.OfferAnswer.REFUSED,
     Decision.PENDING_APPROVAL: pb.OfferAnswer.PENDING_APPROVAL,
 }
+
+
+# Message types a node serves, and the secure aggregation stage each may carry.
+_SERVED = {"train": (None, "collect"), "train.secagg": ("setup", "share_keys", "unmask")}
+
+
+class Failpoint(Exception):
+    """Raised out of ``NodeAgent.run`` when the agent reaches its failpoint."""
 
 
 class StatePaths:
@@ -57,7 +70,7 @@ class StatePaths:
 
 class NodeAgent:
     def __init__(self, *, coordinator: str, data: Path, policy: NodePolicy, state_dir: Path, name: str,
-                 poll_seconds: float = 10.0):
+                 poll_seconds: float = 10.0, failpoint: str = ""):
         state_dir.mkdir(parents=True, exist_ok=True)
         paths = StatePaths(state_dir)
         self.coordinator = coordinator
@@ -69,6 +82,10 @@ class NodeAgent:
         self.jobs = JobBook(paths.jobs)
         self.audit = AuditLog(paths.audit)
         self.node_id = 0
+        self.failpoint = failpoint
+        # Secure aggregation state of rounds in progress: in memory only, so a restart forgets
+        # its secrets and the coordinator treats the node as dropped.
+        self._secagg: dict[tuple[str, int], SecAggNode] = {}
         self._channel = grpc.insecure_channel(coordinator, options=GRPC_OPTIONS)
         self._stub = pb_grpc.NodeServiceStub(self._channel)
 
@@ -81,6 +98,11 @@ class NodeAgent:
     def _send(self, message_type: str, call: Callable, request, **audit) -> object:
         self.audit.record(message_type, peer=self.coordinator, **audit)
         return call(request)
+
+    def _reach(self, point: str) -> None:
+        if self.failpoint == point:
+            log.warning("failpoint %s reached: stopping", point)
+            raise Failpoint(point)
 
     # --- main loop ------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -149,12 +171,17 @@ class NodeAgent:
         if job is None or job.decision is not Decision.ACCEPTED:
             state = "never offered" if job is None else job.decision.value
             return f"job {task.job_id} is not accepted on this node ({state})"
-        if task.message_type != "train":
-            return f"message type {task.message_type!r} is not served; this node only trains"
+        stage = task.secagg.WhichOneof("stage")
+        if stage not in _SERVED.get(task.message_type, ()):
+            return f"a {task.message_type!r} task in secure aggregation stage {stage} is not served"
         spec = job.spec
+        if (spec.secagg is not None) != (stage is not None):
+            # Above all, an update of a securely aggregated job never leaves unmasked.
+            return (f"job {task.job_id} was accepted {'with' if spec.secagg else 'without'} secure aggregation;"
+                    f" a task {'without' if spec.secagg else 'with'} it is refused")
         if not 1 <= task.round <= spec.training.rounds:
             return f"round {task.round} is outside the accepted job's {spec.training.rounds} rounds"
-        if self.ledger.row(task.job_id, task.round) is not None:
+        if stage != "unmask" and self.ledger.row(task.job_id, task.round) is not None:
             return f"round {task.round} of job {task.job_id} was already released; it is never trained twice"
         return ""
 
@@ -170,13 +197,22 @@ class NodeAgent:
         if refusal:
             return self._refuse(task, refusal)
         spec = self.jobs.get(task.job_id).spec
+        stage = task.secagg.WhichOneof("stage")
+        if stage in ("setup", "share_keys", "unmask"):
+            return self._on_secagg_stage(task, spec, stage)
         try:
             plan = plan_round(spec, len(load_dataset(self.data, spec)))
             quote = self.ledger.quote([plan])
             # The budget is checked before anything is fetched or trained.
             if not quote.allowed:
                 return self._refuse(task, quote.refusal())
-            bundle = self._train(task, spec, plan)
+            secagg = None
+            if stage == "collect":
+                secagg = self._secagg_state(task)
+                # Shares are checked before training, so a bad one costs no budget.
+                secagg.receive_shares(task.secagg.collect)
+                self._reach("secagg-before-masked")
+            bundle = self._train(task, spec, plan, secagg)
         except (FedtrainError, ValueError) as err:
             # Nothing was charged or sent: the round goes on without this node.
             return self._refuse(task, f"training failed: {err}")
@@ -187,11 +223,51 @@ class NodeAgent:
                                      payload=bundle.SerializeToString())
         except BudgetExceeded as err:
             return self._refuse(task, str(err))
-        if os.environ.get(FAILPOINT_ENV) == "after-ledger-commit":
-            os._exit(70)
+        self._reach("after-ledger-commit")
         self._deliver(row, bundle)
+        if secagg is not None:
+            self._reach("secagg-after-masked")
 
-    def _train(self, task: pb.TaskHeader, spec: JobSpec, plan: RoundPlan) -> pb.ResultBundle:
+    # --- secure aggregation -----------------------------------------------------
+    def _secagg_state(self, task: pb.TaskHeader) -> SecAggNode:
+        state = self._secagg.get((task.job_id, task.round))
+        if state is None:
+            raise FedtrainError(f"no secure aggregation under way for job {task.job_id} round {task.round}"
+                                " (this node restarted, or the setup stage never reached it)")
+        return state
+
+    def _on_secagg_stage(self, task: pb.TaskHeader, spec: JobSpec, stage: str) -> None:
+        key = (task.job_id, task.round)
+        try:
+            if stage == "setup":
+                # Refuse early, before any key exists, when the round would exceed the budget.
+                quote = self.ledger.quote([plan_round(spec, len(load_dataset(self.data, spec)))])
+                if not quote.allowed:
+                    return self._refuse(task, quote.refusal())
+                self._secagg[key] = SecAggNode(task.job_id, task.round, self.node_id)
+                reply = pb.SecAggReply(keys=self._secagg[key].setup(task.secagg.setup))
+                detail = "secagg setup: two public keys and a seed commitment"
+            elif stage == "share_keys":
+                shares = self._secagg_state(task).share_keys(task.secagg.share_keys)
+                reply = pb.SecAggReply(shares=shares)
+                detail = f"secagg share keys: encrypted shares for nodes {[s.dst for s in shares.shares]}"
+            else:
+                state = self._secagg_state(task)
+                del self._secagg[key]  # answered once, whatever the answer
+                reveal = state.unmask(task.secagg.unmask)
+                reply = pb.SecAggReply(reveal=reveal)
+                detail = (f"secagg unmask: seed shares of nodes {[s.owner for s in reveal.seed_shares]},"
+                          f" key shares of nodes {[s.owner for s in reveal.key_shares]}")
+        except (FedtrainError, ValueError) as err:
+            self._secagg.pop(key, None)
+            return self._refuse(task, f"secure aggregation: {err}")
+        header = pb.ResultHeader(node_id=self.node_id, task_id=task.task_id, secagg=reply)
+        self._send("SubmitResult", self._stub.SubmitResult, iter([pb.ResultPart(header=header)]),
+                   job_id=task.job_id, round=task.round, detail=detail,
+                   payload_sha256=hashlib.sha256(reply.SerializeToString()).hexdigest())
+
+    def _train(self, task: pb.TaskHeader, spec: JobSpec, plan: RoundPlan,
+               secagg: SecAggNode | None) -> pb.ResultBundle:
         expected = expected_manifest(spec)
         chunks = self._send("FetchArrays", self._stub.FetchArrays,
                             pb.FetchRequest(node_id=self.node_id, task_id=task.task_id),
@@ -215,10 +291,27 @@ class NodeAgent:
         if manifest_of(update) != expected:
             # Only the job's trainable tensors may leave: never a base-model tensor or an input.
             raise FedtrainError(f"the update holds {sorted(update)}, not the job's trainable tensors; nothing is sent")
+        if secagg is not None:
+            update = {MASKED_TENSOR: self._mask(spec, secagg, update, arrays, int(metrics.pop("num-examples")))}
         return pb.ResultBundle(
             header=pb.ResultHeader(node_id=self.node_id, task_id=task.task_id, metrics=encode_values(metrics)),
             tensors=list(encode_arrays(update)),
         )
+
+    @staticmethod
+    def _mask(spec: JobSpec, secagg: SecAggNode, update: dict[str, np.ndarray], start: dict[str, np.ndarray],
+              num_examples: int) -> np.ndarray:
+        """The masked field vector of this node's weighted change to the global model."""
+        change = {k: update[k].astype(np.float64) - start[k] for k in update}
+        if not all(np.isfinite(v).all() for v in change.values()):
+            raise FedtrainError("the trained update is not finite; nothing is sent")
+        clip = clip_range(spec)
+        weight = node_weight(num_examples, spec.secure_aggregation.max_weight)
+        vector, clipped = encode(change, weight, clip, secagg.quant_bits)
+        if clipped:
+            log.warning("%d update elements exceeded secure_aggregation.clip_range %.4g and were clipped",
+                        clipped, clip)
+        return secagg.mask(vector)
 
     def _deliver(self, row: LedgerRow, bundle: pb.ResultBundle) -> None:
         """Send a charged result. The ε values in its header come from the ledger row."""

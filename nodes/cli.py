@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -18,7 +19,7 @@ from fedtrain.audit import AuditLog
 from fedtrain.console import console
 from fedtrain.policy import Decision, load_policy
 from fedtrain.privacy.ledger import PrivacyLedger
-from nodes.agent import NodeAgent, StatePaths
+from nodes.agent import FAILPOINT_ENV, Failpoint, NodeAgent, StatePaths
 from nodes.jobs import JobBook
 
 app = typer.Typer(help="Run and inspect a data owner's node agent.", no_args_is_help=True)
@@ -42,12 +43,14 @@ def start(
     # The owner's CLI reads the policy in force from the state dir.
     shutil.copyfile(policy, state_dir / POLICY_COPY)
     agent = NodeAgent(coordinator=coordinator, data=data, policy=owner_policy, state_dir=state_dir, name=name,
-                      poll_seconds=poll_seconds)
+                      poll_seconds=poll_seconds, failpoint=os.environ.get(FAILPOINT_ENV, ""))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         agent.run(stop)
+    except Failpoint:
+        os._exit(70)  # like a kill: no cleanup, nothing flushed that was not already
     finally:
         agent.close()
 

@@ -53,16 +53,22 @@ def test_three_nodes_fine_tune_a_tiny_llm_and_only_the_adapter_leaves(tmp_path, 
             assert adapter_bytes < n.bytes_received <= 1.05 * adapter_bytes + HEADER_BYTES + PER_TENSOR_BYTES * len(
                 manifest)
 
-    # What each node's audit log says it sent: adapter tensors only, never base weights or token ids.
+    # What each node's audit log says it sent (3 nodes: secure aggregation is on): per round, the
+    # three tensor-free protocol messages, and the adapter's update masked into one uint32 vector,
+    # never base weights or token ids.
+    assert spec.secagg is not None
+    elements = sum(int(np.prod(t.shape)) for t in manifest.values())
     for i in range(3):
         state = c.node_state(f"n{i}")
         audit = [json.loads(x) for x in cli("node", "audit", "--state-dir", str(state), "--json").stdout.splitlines()]
         sent = [e for e in audit if e["type"] == "SubmitResult"]
-        assert len(sent) == 2
-        for e in sent:
-            assert {t["name"]: (t["dtype"], tuple(t["shape"])) for t in e["tensors"]} == {
-                k: (v.dtype, v.shape) for k, v in manifest.items()}
-            assert all("lora_" in t["name"] and t["dtype"] == "float32" for t in e["tensors"])
+        assert len(sent) == 2 * 4
+        masked = [e for e in sent if e["tensors"]]
+        assert [e["round"] for e in masked] == [1, 2]
+        for e in masked:
+            assert e["tensors"] == [{"name": "secagg.masked", "dtype": "uint32", "shape": [1 + elements]}]
+        stages = [e["detail"].split(":")[0] for e in sent if not e["tensors"]]
+        assert stages == ["secagg setup", "secagg share keys", "secagg unmask"] * 2
         ledger = PrivacyLedger(state / "ledger.db", max_epsilon=10.0, delta=1e-5)
         assert [r.round for r in ledger.rows(job_id)] == [1, 2] and ledger.spent() <= 8.0 + 1e-6
         ledger.close()

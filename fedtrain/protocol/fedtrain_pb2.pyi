@@ -70,7 +70,7 @@ class JobOffer(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "message_type", "config")
+    __slots__ = ("task_id", "job_id", "round", "message_type", "config", "secagg")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,12 +83,14 @@ class TaskHeader(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_TYPE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
     message_type: str
     config: _containers.MessageMap[str, Value]
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., message_type: _Optional[str] = ..., config: _Optional[_Mapping[str, Value]] = ...) -> None: ...
+    secagg: SecAggRequest
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., message_type: _Optional[str] = ..., config: _Optional[_Mapping[str, Value]] = ..., secagg: _Optional[_Union[SecAggRequest, _Mapping]] = ...) -> None: ...
 
 class PollReply(_message.Message):
     __slots__ = ("offer", "task")
@@ -129,7 +131,7 @@ class FetchRequest(_message.Message):
     def __init__(self, node_id: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("node_id", "task_id", "metrics", "refusal")
+    __slots__ = ("node_id", "task_id", "metrics", "refusal", "secagg")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,11 +143,13 @@ class ResultHeader(_message.Message):
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     task_id: str
     metrics: _containers.MessageMap[str, Value]
     refusal: str
-    def __init__(self, node_id: _Optional[int] = ..., task_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, Value]] = ..., refusal: _Optional[str] = ...) -> None: ...
+    secagg: SecAggReply
+    def __init__(self, node_id: _Optional[int] = ..., task_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, Value]] = ..., refusal: _Optional[str] = ..., secagg: _Optional[_Union[SecAggReply, _Mapping]] = ...) -> None: ...
 
 class ResultPart(_message.Message):
     __slots__ = ("header", "tensor")
@@ -154,6 +158,112 @@ class ResultPart(_message.Message):
     header: ResultHeader
     tensor: TensorChunk
     def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("setup", "share_keys", "collect", "unmask")
+    SETUP_FIELD_NUMBER: _ClassVar[int]
+    SHARE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    COLLECT_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    setup: SecAggSetup
+    share_keys: SecAggShareKeys
+    collect: SecAggCollect
+    unmask: SecAggUnmask
+    def __init__(self, setup: _Optional[_Union[SecAggSetup, _Mapping]] = ..., share_keys: _Optional[_Union[SecAggShareKeys, _Mapping]] = ..., collect: _Optional[_Union[SecAggCollect, _Mapping]] = ..., unmask: _Optional[_Union[SecAggUnmask, _Mapping]] = ...) -> None: ...
+
+class SecAggSetup(_message.Message):
+    __slots__ = ("num_nodes", "neighbours", "threshold", "quant_bits")
+    NUM_NODES_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    QUANT_BITS_FIELD_NUMBER: _ClassVar[int]
+    num_nodes: int
+    neighbours: _containers.RepeatedScalarFieldContainer[int]
+    threshold: int
+    quant_bits: int
+    def __init__(self, num_nodes: _Optional[int] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., quant_bits: _Optional[int] = ...) -> None: ...
+
+class PublicKeys(_message.Message):
+    __slots__ = ("node_id", "encryption_key", "mask_key", "seed_commitment")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    SEED_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    encryption_key: bytes
+    mask_key: bytes
+    seed_commitment: bytes
+    def __init__(self, node_id: _Optional[int] = ..., encryption_key: _Optional[bytes] = ..., mask_key: _Optional[bytes] = ..., seed_commitment: _Optional[bytes] = ...) -> None: ...
+
+class SecAggShareKeys(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[PublicKeys]
+    def __init__(self, keys: _Optional[_Iterable[_Union[PublicKeys, _Mapping]]] = ...) -> None: ...
+
+class EncryptedShare(_message.Message):
+    __slots__ = ("src", "dst", "ciphertext")
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    src: int
+    dst: int
+    ciphertext: bytes
+    def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class SharePair(_message.Message):
+    __slots__ = ("seed_share", "key_share")
+    SEED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARE_FIELD_NUMBER: _ClassVar[int]
+    seed_share: bytes
+    key_share: bytes
+    def __init__(self, seed_share: _Optional[bytes] = ..., key_share: _Optional[bytes] = ...) -> None: ...
+
+class SecAggCollect(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggUnmask(_message.Message):
+    __slots__ = ("active", "dropped")
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    active: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, active: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: int
+    share: bytes
+    def __init__(self, owner: _Optional[int] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("keys", "shares", "reveal")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    REVEAL_FIELD_NUMBER: _ClassVar[int]
+    keys: PublicKeys
+    shares: EncryptedShares
+    reveal: Reveal
+    def __init__(self, keys: _Optional[_Union[PublicKeys, _Mapping]] = ..., shares: _Optional[_Union[EncryptedShares, _Mapping]] = ..., reveal: _Optional[_Union[Reveal, _Mapping]] = ...) -> None: ...
+
+class EncryptedShares(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class Reveal(_message.Message):
+    __slots__ = ("seed_shares", "key_shares")
+    SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    seed_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    key_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, seed_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., key_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec_json",)

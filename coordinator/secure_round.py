@@ -1,0 +1,92 @@
+"""A training round with secure aggregation, driven over the ``NetworkGrid``.
+
+The Flower strategy asks the grid for a round of "train" replies; with secure
+aggregation the grid runs the four SecAgg+ stages of ``fedtrain.secagg`` instead and
+hands the strategy a single reply: the weighted average of the updates, which is
+all the coordinator ever learns. Flower's own SecAgg+ workflow hands its legacy
+strategies the aggregate the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
+from fedtrain.errors import SecAggError, WireError
+from fedtrain.protocol import fedtrain_pb2 as pb
+from fedtrain.protocol.codec import manifest_of
+from fedtrain.secagg.encoding import MASKED_TENSOR, clip_range, masked_manifest, unflatten, vector_length
+from fedtrain.secagg.server import SecAggServer
+from fedtrain.spec import JobSpec
+from coordinator.grid import NetworkGrid
+
+log = logging.getLogger("fedtrain.coordinator")
+
+# How many nodes' updates the one aggregated reply stands for (MinNodes counts them).
+AGGREGATED_NODES = "aggregated-nodes"
+# Flower error code of a round that secure aggregation could not finish.
+SECAGG_FAILED = 101
+
+
+def _answer(header: pb.ResultHeader, stage: str):
+    if header.secagg.WhichOneof("stage") != stage:
+        raise WireError(f"this secure aggregation task expects the node's {stage}")
+    return getattr(header.secagg, stage)
+
+
+def secure_round(grid: NetworkGrid, spec: JobSpec, messages: list[Message], timeout: float | None) -> list[Message]:
+    """Run one SecAgg+ training round with the nodes ``messages`` are addressed to."""
+    first = messages[0]
+    server_round = int(first.content["config"]["server-round"])
+    current = arrays_to_numpy(first.content["arrays"])
+    manifest = manifest_of(current)
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    settings = spec.secure_aggregation
+    lock = threading.Lock()  # answers arrive on the RPC threads
+
+    def stage(name: str, requests: dict, take, wait: float | None, train: bool = False) -> None:
+        """Send one stage's requests and wait for the answers, which ``take`` checks and keeps."""
+        ids = set()
+        for node, request in requests.items():
+            def accept(header: pb.ResultHeader, arrays: dict[str, np.ndarray], node: int = node) -> None:
+                with lock:
+                    take(node, header, arrays)
+            msg = by_node[node] if train else grid.create_message(
+                RecordDict({"config": ConfigRecord({"server-round": server_round})}), "train.secagg", node,
+                str(server_round))
+            ids.add(grid.post(msg, current if train else {}, masked_manifest(manifest) if train else {},
+                              secagg=pb.SecAggRequest(**{name: request}), accept=accept))
+        grid.exchange(ids, wait)
+
+    try:
+        server = SecAggServer(grid.job_id, server_round, by_node, settings, vector_length(manifest), clip_range(spec))
+        stage("setup", server.setup_requests(),
+              lambda n, h, a: server.add_keys(n, _answer(h, "keys")), settings.stage_timeout)
+        with lock:  # each stage's requests freeze who took part in the stage before
+            requests = server.share_keys_requests()
+        stage("share_keys", requests,
+              lambda n, h, a: server.add_shares(n, _answer(h, "shares")), settings.stage_timeout)
+        with lock:
+            requests = server.collect_requests()
+        stage("collect", requests, lambda n, h, a: server.add_masked(n, a[MASKED_TENSOR]), timeout, train=True)
+        with lock:
+            requests = server.unmask_requests()
+        stage("unmask", requests,
+              lambda n, h, a: server.add_reveal(n, _answer(h, "reveal")), settings.stage_timeout)
+        with lock:
+            total = server.aggregate()
+    except SecAggError as err:
+        reason = f"secure aggregation failed: {err}"
+        log.warning("job %s round %d: %s", grid.job_id, server_round, reason)
+        return [Message(Error(code=SECAGG_FAILED, reason=reason), reply_to=m) for m in messages]
+    average = unflatten(total.update / total.weight, manifest)
+    updated = {name: (current[name] + average[name]).astype(current[name].dtype) for name in current}
+    log.info("job %s round %d: securely aggregated the updates of nodes %s", grid.job_id, server_round, list(total.nodes))
+    # The sum of the nodes' example counts (each capped at max_weight) follows from the sum of weights.
+    examples = max(1, round(total.weight * settings.max_weight))
+    metrics = MetricRecord({"num-examples": examples, AGGREGATED_NODES: len(total.nodes)})
+    return [Message(RecordDict({"arrays": numpy_to_arrays(updated), "metrics": metrics}), reply_to=first)]

@@ -1,0 +1,7 @@
+"""Secure aggregation (SecAgg+, Bell et al., CCS 2020): the coordinator learns only the sum.
+
+- :mod:`fedtrain.secagg.node` - a node's state machine for one round;
+- :mod:`fedtrain.secagg.server` - the coordinator's, which removes the masks;
+- :mod:`fedtrain.secagg.encoding` - updates to uint32 field elements and back;
+- :mod:`fedtrain.secagg.crypto` - the primitives, all from ``cryptography`` and Flower.
+"""
