@@ -27,6 +27,8 @@ from coordinator.store import Store
 
 # A node counts as connected while it has polled within this many seconds.
 NODE_LIVENESS_SECONDS = 30.0
+# How long a round waits for connected nodes to decide on the job's offer.
+DECISION_GRACE_SECONDS = 10.0
 
 
 class JobCancelled(Exception):
@@ -145,6 +147,13 @@ class NetworkGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
+        # Flower sizes a round by the nodes available when it asks, so a round that starts
+        # while connected nodes are still deciding on the offer would leave them out: give
+        # them a moment to answer first.
+        deadline = time.monotonic() + DECISION_GRACE_SECONDS
+        while self.store.undecided_nodes(self.job_id, time.time() - NODE_LIVENESS_SECONDS):
+            if time.monotonic() > deadline or self.cancelled.wait(0.2):
+                break
         # Flower's sampler polls this while it waits for enough nodes; cancellation
         # has to reach into that loop from here.
         if self.cancelled.is_set():
@@ -160,7 +169,7 @@ class NetworkGrid(Grid):
         round = int(msg.content["config"]["server-round"])
         self.mailbox.post(Task(task_id, self.job_id, msg.metadata.dst_node_id, round, msg, arrays, expect,
                                secagg, accept))
-        self.store.set_job_state(self.job_id, "running")
+        self.store.mark_running(self.job_id)
         return task_id
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

@@ -82,6 +82,11 @@ class JobRunner(threading.Thread):
             msg += f" ({'; '.join(errors)})"
         log.warning("job %s round %d: %s", self.job_id, server_round, msg)
         self._short_rounds[server_round] = msg
+        # Shown by `job status` at once, not only when the job ends.
+        self.store.set_job_state(self.job_id, "running", self._short_summary())
+
+    def _short_summary(self) -> str:
+        return "; ".join(f"round {r}: {m}" for r, m in sorted(self._short_rounds.items()))
 
     def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by the strategy after every round (and for round 0): evaluate and persist."""
@@ -110,11 +115,7 @@ class JobRunner(threading.Thread):
                 evaluate_fn=self._checkpoint,
             )
             failed = len(self._short_rounds) == self.spec.training.rounds
-            self.store.set_job_state(
-                self.job_id,
-                "failed" if failed else "finished",
-                "; ".join(f"round {r}: {m}" for r, m in sorted(self._short_rounds.items())),
-            )
+            self.store.set_job_state(self.job_id, "failed" if failed else "finished", self._short_summary())
         except Exception as err:  # the job fails, the coordinator keeps serving
             log.exception("job %s failed", self.job_id)
             self.store.set_job_state(self.job_id, "failed", f"{type(err).__name__}: {err}")

@@ -132,6 +132,10 @@ class Store:
     def set_job_state(self, job_id: str, state: str, error: str = "") -> None:
         self._exec("UPDATE jobs SET state = ?, error = ? WHERE id = ?", (state, error, job_id))
 
+    def mark_running(self, job_id: str) -> None:
+        """A waiting job has sent its first task; the error text (of skipped rounds) stays."""
+        self._exec("UPDATE jobs SET state = 'running' WHERE id = ? AND state = 'waiting'", (job_id,))
+
     def fail_interrupted_jobs(self) -> None:
         self._exec(
             "UPDATE jobs SET state = 'failed', error = 'the coordinator stopped while the job was active'"
@@ -174,6 +178,17 @@ class Store:
             for r in self._all(
                 "SELECT n.id FROM job_nodes jn JOIN nodes n ON n.id = jn.node_id"
                 " WHERE jn.job_id = ? AND jn.decision = 'accepted' AND n.last_seen >= ? ORDER BY n.id",
+                (job_id, seen_since),
+            )
+        ]
+
+    def undecided_nodes(self, job_id: str, seen_since: float) -> list[int]:
+        """Connected nodes that have not answered the job's offer yet (a pending owner approval is an answer)."""
+        return [
+            r[0]
+            for r in self._all(
+                "SELECT n.id FROM nodes n LEFT JOIN job_nodes jn ON jn.node_id = n.id AND jn.job_id = ?"
+                " WHERE n.last_seen >= ? AND (jn.decision IS NULL OR jn.decision = 'offered') ORDER BY n.id",
                 (job_id, seen_since),
             )
         ]

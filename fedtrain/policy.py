@@ -35,6 +35,8 @@ class NodePolicy(BaseModel):
     max_rounds_per_job: Annotated[int, Field(ge=1)] = 100
     # When true, a job waits until the owner runs `fedtrain node approve JOB_ID`.
     require_approval: bool = False
+    # When true, only jobs whose updates are securely aggregated are accepted.
+    require_secure_aggregation: bool = False
 
 
 def load_policy(path: str | Path) -> NodePolicy:
@@ -69,6 +71,8 @@ def review_job(spec: JobSpec, policy: NodePolicy, ledger: PrivacyLedger, num_exa
         problems.append(f"{spec.training.rounds} rounds exceed max_rounds_per_job {policy.max_rounds_per_job}")
     if spec.privacy.delta > policy.delta:
         problems.append(f"job delta {spec.privacy.delta:g} is larger than the policy's delta {policy.delta:g}")
+    if policy.require_secure_aggregation and spec.secagg is None:
+        problems.append("the policy requires secure aggregation and the job turns it off")
     if spec.model.kind == "transformer":
         if policy.allowed_base_models is not None and spec.model.sha256 not in policy.allowed_base_models:
             problems.append(f"base model sha256 {spec.model.sha256[:16]}… is not in allowed_base_models")

@@ -122,3 +122,69 @@ def test_bad_updates_are_rejected_with_the_reason_and_the_job_goes_on(coordinato
     assert set(model) == set(good)
     for k in good:
         np.testing.assert_allclose(model[k], good[k])
+
+
+def _answer(nodes, node_id, task, reply):
+    header = pb.ResultHeader(node_id=node_id, task_id=task.task_id, secagg=reply)
+    return nodes.SubmitResult(iter([pb.ResultPart(header=header)]))
+
+
+def test_secure_aggregation_input_from_raw_nodes_is_checked_and_replays_are_refused(coordinator):
+    """Three raw-gRPC nodes run SecAgg+ with the real node-side state machine, and misbehave."""
+    from fedtrain.secagg.node import SecAggNode
+
+    channel, coord = coordinator
+    nodes, jobs = pb_grpc.NodeServiceStub(channel), pb_grpc.JobServiceStub(channel)
+    ids = [nodes.Register(pb.RegisterRequest(name=f"raw{i}", protocol_version=PROTOCOL_VERSION)).node_id
+           for i in range(3)]
+    spec = make_spec(min_nodes=3, round_timeout=5, secure_aggregation={"stage_timeout": 5}, training={"rounds": 2})
+    job_id = jobs.SubmitJob(pb.SubmitJobRequest(spec_json=spec.canonical_json())).job_id
+    for node_id in ids:
+        assert nodes.Poll(pb.PollRequest(node_id=node_id, wait_seconds=5)).offer.job_id == job_id
+        nodes.AnswerOffer(pb.OfferAnswer(node_id=node_id, job_id=job_id, decision=pb.OfferAnswer.ACCEPTED))
+
+    tasks = {n: _next_task(nodes, n) for n in ids}
+    assert {t.secagg.WhichOneof("stage") for t in tasks.values()} == {"setup"}
+    state = {n: SecAggNode(job_id, 1, n) for n in ids}
+    keys = {n: state[n].setup(tasks[n].secagg.setup) for n in ids}
+    a, b, c = ids
+    bad = pb.PublicKeys(node_id=a, encryption_key=b"short", mask_key=keys[a].mask_key,
+                        seed_commitment=keys[a].seed_commitment)
+    code, details = code_and_details(lambda: _answer(nodes, a, tasks[a], pb.SecAggReply(keys=bad)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "three 32-byte values, got (5, 32, 32)" in details
+    code, details = code_and_details(lambda: _answer(nodes, b, tasks[a], pb.SecAggReply(keys=keys[b])))
+    assert code == grpc.StatusCode.NOT_FOUND and f"no open task {tasks[a].task_id!r} for node {b}" in details
+    for n in (b, c):
+        _answer(nodes, n, tasks[n], pb.SecAggReply(keys=keys[n]))
+
+    # Node a is out: the round goes on with b and c.
+    status = None
+    for _ in range(200):
+        status = jobs.GetJob(pb.GetJobRequest(job_id=job_id))
+        if len(status.rounds) >= 2:
+            break
+        __import__("time").sleep(0.1)
+    # b and c never answer the share-keys stage either.
+    assert "secure aggregation failed: share keys: only 0 of 3 nodes answered" in status.error
+    refusals = [n.refusal for r in status.rounds for n in r.nodes if n.refusal]
+    assert any("three 32-byte values" in r for r in refusals)
+
+    # Round 2 starts over with fresh tasks; a round-1 task id and a round-1 answer are refused.
+    fresh = {n: _next_task(nodes, n) for n in ids}
+    assert all(t.round == 2 and t.secagg.WhichOneof("stage") == "setup" for t in fresh.values())
+    code, details = code_and_details(lambda: _answer(nodes, b, tasks[b], pb.SecAggReply(keys=keys[b])))
+    assert code == grpc.StatusCode.NOT_FOUND and "unknown, answered, or past its deadline" in details
+    state = {n: SecAggNode(job_id, 2, n) for n in ids}
+    for n in ids:
+        _answer(nodes, n, fresh[n], pb.SecAggReply(keys=state[n].setup(fresh[n].secagg.setup)))
+    share_tasks = {n: _next_task(nodes, n) for n in ids}
+    for n in ids:
+        _answer(nodes, n, share_tasks[n], pb.SecAggReply(shares=state[n].share_keys(share_tasks[n].secagg.share_keys)))
+    collect = {n: _next_task(nodes, n) for n in ids}
+    assert all(t.message_type == "train" and t.secagg.WhichOneof("stage") == "collect" for t in collect.values())
+    header = pb.ResultHeader(node_id=a, task_id=collect[a].task_id)
+    short = {"secagg.masked": np.zeros(3, dtype=np.uint32)}
+    parts = [pb.ResultPart(header=header)] + [pb.ResultPart(tensor=t) for t in encode_arrays(short)]
+    code, details = code_and_details(lambda: nodes.SubmitResult(iter(parts)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "tensor 'secagg.masked' is uint32[3], expected uint32[11]" \
+        in details

@@ -59,12 +59,17 @@ def test_review_accepts_within_policy_or_waits_for_approval(ledger):
 
 def test_review_names_every_violation(ledger):
     spec = make_spec(model={"kind": "mlp", "hidden": [8]}, training={"rounds": 5}, privacy={"delta": 1e-3})
-    policy = NodePolicy(max_epsilon=2.0, allowed_models=["logistic"], max_rounds_per_job=3)
+    policy = NodePolicy(max_epsilon=2.0, allowed_models=["logistic"], max_rounds_per_job=3,
+                        require_secure_aggregation=True)
     review = review_job(spec, policy, ledger, 150)
     assert review.decision is Decision.REFUSED
     assert "'mlp' is not in allowed_models" in review.reason
     assert "5 rounds exceed max_rounds_per_job 3" in review.reason
     assert "delta 0.001 is larger" in review.reason
+    assert "requires secure aggregation" in review.reason
+    secure = make_spec(min_nodes=3)
+    assert review_job(secure, NodePolicy(max_epsilon=2.0, require_secure_aggregation=True), ledger, 150).decision \
+        is Decision.ACCEPTED
 
 
 def test_review_refuses_a_job_that_does_not_fit_the_budget(ledger):

@@ -104,14 +104,17 @@ class SecAggServer:
         if node in set(answered):
             raise WireError(f"node {node} already sent its {stage} for job {self.job_id} round {self.round}")
 
-    def _require(self, alive: set[int], stage: str, before: str = "") -> None:
+    def _require(self, alive: frozenset[int], stage: str) -> None:
+        if len(alive) < self.threshold:
+            raise SecAggError(f"{stage}: only {len(alive)} of {len(self.nodes)} nodes answered, nodes"
+                              f" {sorted(set(self.nodes) - alive)} dropped out; the threshold is {self.threshold}")
         for node in sorted(alive):
             have = len((self.graph[node] | {node}) & alive)
             if have < self.threshold:
                 gone = sorted(set(self.nodes) - alive)
                 raise SecAggError(
                     f"{stage}: node {node} has {have} of its {self.holders} share holders left and needs the"
-                    f" threshold of {self.threshold}; nodes {gone} dropped out{before}"
+                    f" threshold of {self.threshold}; nodes {gone} dropped out"
                 )
 
     # --- stage 1 -----------------------------------------------------------------------
@@ -174,6 +177,9 @@ class SecAggServer:
     def unmask_requests(self) -> dict[int, pb.SecAggUnmask]:
         sent, self.u3 = self.u2, frozenset(self.masked)
         # Checked before anything is revealed: a round that cannot finish reveals nothing.
+        if len(self.u3) < self.threshold:
+            raise SecAggError(f"collect: only {len(self.u3)} of {len(sent)} nodes sent masked updates and the"
+                              f" threshold is {self.threshold}; nodes {sorted(sent - self.u3)} dropped out")
         for node in sorted(sent):
             have = len((self.graph[node] | {node}) & self.u3)
             if have < self.threshold:
@@ -203,6 +209,12 @@ class SecAggServer:
                     raise WireError(f"node {node}'s {kind} share of node {s.owner} is not the share it was given")
         self.reveals[node] = reveal
 
+    def _reconstruct(self, owner: int, shares: list[bytes], what: str) -> bytes:
+        try:
+            return crypto.combine(shares[: self.threshold])
+        except SecAggError as err:
+            raise SecAggError(f"node {owner}'s {what} cannot be reconstructed, a share is corrupt: {err}") from None
+
     def aggregate(self) -> Aggregate:
         """Remove the masks; raises SecAggError when too few shares arrived."""
         if self.u3 is None:
@@ -223,12 +235,12 @@ class SecAggServer:
                 )
         total = self._sum.copy()
         for owner, shares in sorted(seeds.items()):
-            seed = crypto.combine(shares[: self.threshold])
+            seed = self._reconstruct(owner, shares, "self-mask seed")
             if crypto.commitment(seed) != self.keys[owner].seed_commitment:
                 raise SecAggError(f"node {owner}'s self-mask seed does not match its commitment: a share is corrupt")
             total -= crypto.mask(seed, self.length)
         for owner, shares in sorted(keys.items()):
-            private = crypto.private_from_bytes(crypto.combine(shares[: self.threshold]))
+            private = crypto.private_from_bytes(self._reconstruct(owner, shares, "mask key"))
             if crypto.public_bytes(private) != self.keys[owner].mask_key:
                 raise SecAggError(f"node {owner}'s mask key does not match its public key: a share is corrupt")
             for peer in sorted(self.graph[owner] & self.u3):

@@ -1,0 +1,304 @@
+"""SecAgg+ at the protocol level: the real node and server state machines, in one process."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedtrain.errors import SecAggError, SpecError, WireError
+from fedtrain.protocol import fedtrain_pb2 as pb
+from fedtrain.secagg.encoding import decode_sum, encode, error_bound, quant_bits
+from fedtrain.secagg.node import SecAggNode
+from fedtrain.secagg.server import SecAggServer
+from fedtrain.spec import SecureAggregationSpec
+
+from conftest import make_spec
+
+CLIP = 0.5
+
+
+class Round:
+    """One round between real SecAggNodes and a SecAggServer, with stages driven by the test."""
+
+    def __init__(self, n, length=1001, settings=SecureAggregationSpec(), job="job", round=1, seed=0):
+        self.ids = [100 + 7 * i for i in range(n)]
+        self.server = SecAggServer(job, round, self.ids, settings, length, CLIP, rng=random.Random(seed))
+        self.nodes = {i: SecAggNode(job, round, i) for i in self.ids}
+        self.rng = np.random.default_rng(seed)
+        self.updates = {}  # node -> (weight, update): what each node would have sent in the clear
+
+    def keys(self, skip=()):
+        for i, req in self.server.setup_requests().items():
+            if i not in skip:
+                self.server.add_keys(i, self.nodes[i].setup(req))
+
+    def shares(self, skip=()):
+        for i, req in self.server.share_keys_requests().items():
+            if i not in skip:
+                self.server.add_shares(i, self.nodes[i].share_keys(req))
+
+    def collect(self, skip=()):
+        self.collect_requests = self.server.collect_requests()
+        for i, req in self.collect_requests.items():
+            self.nodes[i].receive_shares(req)
+            if i in skip:
+                continue
+            update = self.rng.normal(0, 0.1, self.server.length - 1)
+            weight = float(self.rng.uniform(0.05, 1))
+            vector, clipped = encode({"w": update}, weight, CLIP, self.server.quant_bits)
+            assert clipped == 0
+            self.updates[i] = (weight, update)
+            self.server.add_masked(i, self.nodes[i].mask(vector))
+
+    def unmask(self, skip=()):
+        for i, req in self.server.unmask_requests().items():
+            if i not in skip:
+                self.server.add_reveal(i, self.nodes[i].unmask(req))
+        return self.server.aggregate()
+
+    def run(self, before=(), after=()):
+        self.keys()
+        self.shares()
+        self.collect(skip=before)
+        return self.unmask(skip=after)
+
+    def check_sum(self, total):
+        contributors = sorted(self.updates)
+        assert list(total.nodes) == contributors
+        weight = sum(w for w, _ in self.updates.values())
+        exact = sum(w * u for w, u in self.updates.values())
+        bound = error_bound(len(contributors), CLIP, self.server.quant_bits)
+        assert np.abs(total.update - exact).max() <= bound
+        assert abs(total.weight - weight) <= error_bound(len(contributors), 1.0, self.server.quant_bits)
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_the_unmasked_aggregate_is_the_sum_of_the_updates(n):
+    r = Round(n)
+    r.check_sum(r.run())
+    assert 2 * r.server.threshold > r.server.holders
+
+
+def test_a_sparse_graph_at_25_nodes_still_sums_exactly():
+    r = Round(25)
+    assert r.server.holders == 11 and r.server.threshold == 6  # 2*ceil(log2 25)+1 holders
+    assert all(len(peers) == 10 for peers in r.server.graph.values())
+    assert all(a in r.server.graph[b] for a in r.ids for b in r.server.graph[a])  # symmetric
+    r.check_sum(r.run(before={r.ids[3]}, after={r.ids[9]}))
+
+
+def test_one_node_drops_before_its_masked_update_and_one_after_and_the_sum_is_right():
+    r = Round(5)
+    before, after = r.ids[1], r.ids[3]
+    total = r.run(before={before}, after={after})
+    assert after in total.nodes and before not in total.nodes
+    r.check_sum(total)
+
+
+def test_too_many_dropouts_before_the_masked_updates_fail_before_anything_is_revealed():
+    r = Round(5)
+    r.keys()
+    r.shares()
+    r.collect(skip=set(r.ids[:3]))
+    with pytest.raises(SecAggError, match=r"collect: only 2 of 5 nodes sent masked updates and the threshold is 3; nodes \[100, 107, 114\] dropped out"):
+        r.server.unmask_requests()
+    assert r.server.reveals == {}
+
+
+def test_too_many_dropouts_in_the_unmask_stage_name_the_silent_nodes():
+    r = Round(5)
+    r.keys()
+    r.shares()
+    r.collect()
+    with pytest.raises(SecAggError, match=r"threshold is 3; nodes \[100, 107, 114\] did not reveal"):
+        r.unmask(skip=set(r.ids[:3]))
+
+
+def test_a_round_needs_three_nodes_and_holders_that_met_the_threshold():
+    with pytest.raises(SecAggError, match="at least 3 nodes"):
+        SecAggServer("j", 1, [1, 2], SecureAggregationSpec(), 10, CLIP)
+    r = Round(5)
+    r.keys(skip=set(r.ids[:3]))
+    with pytest.raises(SecAggError, match=r"setup: only 2 of 5 nodes answered, nodes \[100, 107, 114\] dropped out"):
+        r.server.share_keys_requests()
+    # In a sparse graph, a node can lose too many of its own holders while most nodes are still in.
+    r = Round(25)
+    victim = r.ids[0]
+    r.keys(skip=set(sorted(r.server.graph[victim])[:6]))
+    with pytest.raises(SecAggError, match=f"setup: node {victim} has 5 of its 11 share holders left"):
+        r.server.share_keys_requests()
+
+
+def test_what_the_coordinator_receives_from_one_node_looks_uniform_and_uncorrelated():
+    r = Round(3, length=50_001, seed=1)
+    r.keys()
+    r.shares()
+    requests = r.server.collect_requests()
+    node = r.ids[0]
+    r.nodes[node].receive_shares(requests[node])
+    # A strongly structured update: a ramp, so that any leak would show.
+    update = np.linspace(-CLIP, CLIP, r.server.length - 1)
+    encoded, _ = encode({"w": update}, 1.0, CLIP, r.server.quant_bits)
+    masked = r.nodes[node].mask(encoded)
+
+    def uniform_p(values):
+        counts = np.bincount((values >> np.uint32(28)).astype(np.int64), minlength=16)  # top 4 bits
+        return stats.chisquare(counts).pvalue
+
+    assert uniform_p(masked) > 1e-4 and uniform_p(masked & np.uint32(0xFFFF) << np.uint32(16)) > 1e-4
+    assert stats.kstest(masked / 2.0**32, "uniform").pvalue > 1e-4
+    assert abs(np.corrcoef(masked[1:].astype(np.float64), update)[0, 1]) < 4 / np.sqrt(len(update))
+    # The same tests do see the unmasked encoding for what it is: they are not blind.
+    assert uniform_p(encoded) < 1e-10 and abs(np.corrcoef(encoded[1:].astype(np.float64), update)[0, 1]) > 0.99
+
+
+def _unmask_with(r, victim, dropped_at):
+    """A coordinator that tells each holder in ``dropped_at`` that ``victim`` dropped out, and the
+    others that it is active. Returns the shares of the victim's seed and key it obtains."""
+    seeds, keys = [], []
+    for holder in sorted(r.server.graph[victim] | {victim}):
+        active = sorted((r.server.graph[holder] | {holder}) - ({victim} if holder in dropped_at else set()))
+        dropped = [victim] if holder in dropped_at else []
+        try:
+            reveal = r.nodes[holder].unmask(pb.SecAggUnmask(active=active, dropped=dropped))
+        except SecAggError:
+            continue
+        seeds += [s.share for s in reveal.seed_shares if s.owner == victim]
+        keys += [s.share for s in reveal.key_shares if s.owner == victim]
+    return seeds, keys
+
+
+def test_no_way_of_asking_gives_the_coordinator_both_secrets_of_a_node():
+    holders = 5
+    victim_index = 2
+    for dropped_at in itertools.chain.from_iterable(itertools.combinations(range(holders), k) for k in range(6)):
+        r = Round(holders, length=11)
+        r.keys()
+        r.shares()
+        r.collect()
+        victim = r.ids[victim_index]
+        seeds, keys = _unmask_with(r, victim, {r.ids[i] for i in dropped_at})
+        t = r.server.threshold
+        assert not (len(seeds) >= t and len(keys) >= t), dropped_at
+        # A node never calls itself dropped; each other holder gives one kind of share.
+        assert len(seeds) + len(keys) == holders - (victim_index in dropped_at)
+
+
+def test_a_node_answers_unmask_once_and_never_with_both_kinds_for_a_peer():
+    r = Round(3)
+    r.keys()
+    r.shares()
+    r.collect()
+    a, b, c = r.ids
+    with pytest.raises(SecAggError, match=r"both active and dropped"):
+        r.nodes[a].unmask(pb.SecAggUnmask(active=[a, b, c], dropped=[b]))
+    with pytest.raises(SecAggError, match="answered once"):  # even a corrected request
+        r.nodes[a].unmask(pb.SecAggUnmask(active=[a, c], dropped=[b]))
+    with pytest.raises(SecAggError, match="lists this node as dropped"):
+        r.nodes[b].unmask(pb.SecAggUnmask(active=[a, c], dropped=[b]))
+    with pytest.raises(SecAggError, match="at least 2 must have sent"):
+        r.nodes[c].unmask(pb.SecAggUnmask(active=[c], dropped=[a, b]))
+
+
+def test_a_node_refuses_unsafe_parameters():
+    node = SecAggNode("j", 1, 1)
+    with pytest.raises(SecAggError, match="more than half"):
+        node.setup(pb.SecAggSetup(num_nodes=4, neighbours=[2, 3, 4], threshold=2, quant_bits=20))
+    with pytest.raises(SecAggError, match="wrap around"):
+        node.setup(pb.SecAggSetup(num_nodes=5, neighbours=[2, 3, 4, 5], threshold=3, quant_bits=quant_bits(5) + 1))
+    with pytest.raises(SecAggError, match="names this node itself"):
+        node.setup(pb.SecAggSetup(num_nodes=5, neighbours=[1, 3, 4], threshold=3, quant_bits=20))
+    with pytest.raises(SecAggError, match="arrived in stage 'new'"):
+        node.share_keys(pb.SecAggShareKeys())
+
+
+def test_shares_replayed_from_another_round_or_redirected_do_not_decrypt():
+    old, new = Round(3, round=1), Round(3, round=2)
+    for r in (old, new):
+        r.keys()
+        r.shares()
+    a, b, c = new.ids
+    replay = old.server.collect_requests()[a]
+    # The old round's ciphertexts, addressed right, but sealed for other keys and another round.
+    with pytest.raises(SecAggError, match=f"share from node {b} does not decrypt for job job round 2"):
+        new.nodes[a].receive_shares(replay)
+    fresh = new.server.collect_requests()
+    redirected = pb.SecAggCollect(shares=[pb.EncryptedShare(src=s.src, dst=b, ciphertext=s.ciphertext)
+                                          for s in fresh[a].shares if s.src == c])
+    with pytest.raises(SecAggError, match=f"share from node {c} does not decrypt"):
+        new.nodes[b].receive_shares(redirected)
+
+
+def test_the_server_rejects_bad_input_with_the_reason():
+    r = Round(3, length=11)
+    a, b, c = r.ids
+    r.keys()
+    with pytest.raises(WireError, match="node 999, which is not part of this round"):
+        r.server.add_keys(999, pb.PublicKeys(node_id=999))
+    with pytest.raises(WireError, match=f"node {a} already sent its public keys"):
+        r.server.add_keys(a, r.server.keys[a])
+    requests = r.server.share_keys_requests()
+    with pytest.raises(WireError, match="arrived after the stage closed"):
+        r.server.add_keys(a, r.server.keys[a])
+    shares = r.nodes[a].share_keys(requests[a])
+    wrong = pb.EncryptedShares(shares=[shares.shares[0]])
+    with pytest.raises(WireError, match=f"must send one share to each of nodes \\[{b}, {c}\\]"):
+        r.server.add_shares(a, wrong)
+    r.server.add_shares(a, shares)
+    for i in (b, c):
+        r.server.add_shares(i, r.nodes[i].share_keys(requests[i]))
+    collect = r.server.collect_requests()
+    for i in r.ids:
+        r.nodes[i].receive_shares(collect[i])
+    with pytest.raises(WireError, match=r"is uint32\[10\], expected uint32\[11\]"):
+        r.server.add_masked(a, np.zeros(10, dtype=np.uint32))
+    with pytest.raises(WireError, match=r"is float32\[11\]"):
+        r.server.add_masked(a, np.zeros(11, dtype=np.float32))
+    for i in r.ids:
+        r.server.add_masked(i, r.nodes[i].mask(encode({"w": np.zeros(10)}, 1.0, CLIP, r.server.quant_bits)[0]))
+    unmask = r.server.unmask_requests()
+    reveal = r.nodes[a].unmask(unmask[a])
+    def forged(owner, share):
+        return pb.Reveal(seed_shares=[pb.RevealedShare(owner=s.owner, share=share if s.owner == owner else s.share)
+                                      for s in reveal.seed_shares])
+
+    other_index = (2).to_bytes(4, "little") + reveal.seed_shares[1].share[4:]
+    with pytest.raises(WireError, match=f"node {a}'s seed share of node {b} is not the share it was given"):
+        r.server.add_reveal(a, forged(b, other_index))
+    with pytest.raises(WireError, match=f"must reveal seed shares of nodes \\[{a}, {b}, {c}\\], got \\[{a}, {b}\\]"):
+        r.server.add_reveal(a, pb.Reveal(seed_shares=reveal.seed_shares[:2]))
+    # Right index, wrong content: only reconstruction can tell, and it says so.
+    corrupt = reveal.seed_shares[1].share[:4] + bytes(48)
+    r.server.add_reveal(a, forged(b, corrupt))
+    for i in (b, c):
+        r.server.add_reveal(i, r.nodes[i].unmask(unmask[i]))
+    with pytest.raises(SecAggError, match=f"node {b}'s self-mask seed (does not match|cannot be reconstructed)"):
+        r.server.aggregate()
+
+
+def test_quantization_round_trip_and_clipping():
+    rng = np.random.default_rng(3)
+    updates = [rng.normal(0, 0.3, 1000) for _ in range(4)]
+    bits = quant_bits(4)
+    total = sum(encode({"x": u}, 0.5, CLIP, bits)[0] for u in updates)
+    weight, summed = decode_sum(total, 4, CLIP, bits)
+    exact = sum(np.clip(0.5 * u, -CLIP, CLIP) for u in updates)
+    assert abs(weight - 2.0) <= error_bound(4, 1.0, bits)
+    assert np.abs(summed - exact).max() <= error_bound(4, CLIP, bits)
+    assert encode({"x": np.array([2.0, -2.0, 0.1])}, 0.5, CLIP, bits)[1] == 2
+    assert 4 * 2**bits < 2**32
+
+
+def test_the_job_option_defaults_and_its_errors():
+    assert make_spec(min_nodes=3).secagg is not None
+    assert make_spec(min_nodes=2).secagg is None
+    assert make_spec(min_nodes=3, secure_aggregation=False).secagg is None
+    assert make_spec(min_nodes=4, secure_aggregation={"neighbours": 5}).secagg.neighbours == 5
+    with pytest.raises(SpecError, match="needs min_nodes >= 3"):
+        make_spec(min_nodes=2, secure_aggregation=True)
+    with pytest.raises(SpecError, match="neighbours must be odd"):
+        make_spec(min_nodes=3, secure_aggregation={"neighbours": 4})
+    with pytest.raises(SpecError, match="threshold"):
+        make_spec(min_nodes=3, secure_aggregation={"threshold": 0.4})
