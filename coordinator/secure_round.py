@@ -60,7 +60,12 @@ def secure_round(grid: NetworkGrid, spec: JobSpec, messages: list[Message], time
                 str(server_round))
             ids.add(grid.post(msg, current if train else {}, masked_manifest(manifest) if train else {},
                               secagg=pb.SecAggRequest(**{name: request}), accept=accept))
-        grid.exchange(ids, wait)
+        answered = {reply.metadata.src_node_id for reply in grid.exchange(ids, wait)}
+        if name != "unmask":  # a node silent at unmask is still in the sum
+            for node in sorted(set(requests) - answered):
+                # Refusals and rejected answers are recorded where they arrive; silence is recorded here.
+                grid.store.record_node_round(grid.job_id, server_round, node, {},
+                                             f"dropped out: no answer to the {name} stage in time", 0)
 
     try:
         server = SecAggServer(grid.job_id, server_round, by_node, settings, vector_length(manifest), clip_range(spec))
@@ -85,7 +90,8 @@ def secure_round(grid: NetworkGrid, spec: JobSpec, messages: list[Message], time
         return [Message(Error(code=SECAGG_FAILED, reason=reason), reply_to=m) for m in messages]
     average = unflatten(total.update / total.weight, manifest)
     updated = {name: (current[name] + average[name]).astype(current[name].dtype) for name in current}
-    log.info("job %s round %d: securely aggregated the updates of nodes %s", grid.job_id, server_round, list(total.nodes))
+    log.info("job %s round %d: securely aggregated the updates of nodes %s", grid.job_id, server_round,
+             list(total.nodes))
     # The sum of the nodes' example counts (each capped at max_weight) follows from the sum of weights.
     examples = max(1, round(total.weight * settings.max_weight))
     metrics = MetricRecord({"num-examples": examples, AGGREGATED_NODES: len(total.nodes)})

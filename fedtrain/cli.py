@@ -20,6 +20,7 @@ from fedtrain.console import console
 from fedtrain.errors import FedtrainError
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import decode_values
+from fedtrain.spec import job_spec_from_json
 
 app = typer.Typer(help="fedtrain: federated training with DP-SGD on data that never leaves its owner.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -32,7 +33,9 @@ DONE_STATES = ("finished", "failed")
 
 def status_table(status: pb.JobStatus) -> Table:
     """Rounds of a job: global evaluation, per-node epsilon and refusals."""
-    table = Table(title=f"job {status.job_id} ({status.name}): {status.state}")
+    secure = job_spec_from_json(status.spec_json).secagg is not None if status.spec_json else False
+    aggregation = "secure aggregation (SecAgg+)" if secure else "aggregated in the clear"
+    table = Table(title=f"job {status.job_id} ({status.name}): {status.state}, {aggregation}")
     # accuracy and loss for classification, loss and perplexity for causal-lm
     keys = sorted({k for r in status.rounds for k in r.metrics})
     for col in ("round", *keys, "nodes ok", "seconds", "epsilon per node"):
@@ -137,7 +140,6 @@ def job_eval(
 ) -> None:
     """Evaluate a job's global model on a held-out file on this machine."""
     from fedtrain.models import build_model, evaluate, load_dataset, load_trainable_state
-    from fedtrain.spec import job_spec_from_json
 
     with CoordinatorClient(coordinator) as client:
         status, round, arrays = _checkpoint(client, job_id, round)

@@ -7,6 +7,7 @@ ships the data set).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,9 @@ def run_local_job(out: Path, spec: JobSpec, shards: dict[str, Path], policy: dic
     policy_path.write_text(yaml.safe_dump(policy))
     (out / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     node_policy = load_policy(policy_path)
+    # Every demo run is a fresh consortium: an earlier run's ledgers would spend the same
+    # nodes' budget again, and after a few runs they would refuse the job.
+    shutil.rmtree(out / "run", ignore_errors=True)
     with LocalConsortium(out / "run") as consortium:
         address = consortium.start_coordinator()
         console.print(f"coordinator on {address}; starting {len(shards)} nodes")

@@ -244,6 +244,9 @@ class NodeAgent:
                 quote = self.ledger.quote([plan_round(spec, len(load_dataset(self.data, spec)))])
                 if not quote.allowed:
                     return self._refuse(task, quote.refusal())
+                # Earlier rounds of the job that never reached their unmask stage are over.
+                for old in [k for k in self._secagg if k[0] == task.job_id and k[1] <= task.round]:
+                    del self._secagg[old]
                 self._secagg[key] = SecAggNode(task.job_id, task.round, self.node_id)
                 reply = pb.SecAggReply(keys=self._secagg[key].setup(task.secagg.setup))
                 detail = "secagg setup: two public keys and a seed commitment"

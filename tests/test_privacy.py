@@ -69,6 +69,26 @@ def test_dp_training_records_the_planned_spend_and_learns(cancer):
     assert acc > 0.85
 
 
+def test_dp_noise_and_sampling_cannot_be_replayed_from_a_known_seed(cancer):
+    x, y = cancer
+    table = TensorDataset(torch.from_numpy(x[:64].astype(np.float32)), torch.from_numpy(y[:64].astype(np.int64)))
+    spec = make_spec(training={"rounds": 1})
+    plan = plan_round(spec, len(table))
+    updates = []
+    for _ in range(2):
+        torch.manual_seed(0)  # whatever state the process was in, and the same model seed
+        model = build_model(spec)
+        train_private(model, table, spec, plan)
+        updates.append(torch.cat([p.detach().ravel() for p in model.parameters()]))
+    assert not torch.equal(updates[0], updates[1])
+    # Building a model does not reset the process's RNG.
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    build_model(spec)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_opacus_per_sample_gradients_match_torch_func():
     """Guards against silently wrong per-sample gradients after an Opacus upgrade."""
     spec = make_spec(model={"kind": "mlp", "hidden": [16, 8]})

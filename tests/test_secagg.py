@@ -102,7 +102,8 @@ def test_too_many_dropouts_before_the_masked_updates_fail_before_anything_is_rev
     r.keys()
     r.shares()
     r.collect(skip=set(r.ids[:3]))
-    with pytest.raises(SecAggError, match=r"collect: only 2 of 5 nodes sent masked updates and the threshold is 3; nodes \[100, 107, 114\] dropped out"):
+    with pytest.raises(SecAggError, match=r"collect: only 2 of 5 nodes sent masked updates and the threshold is 3;"
+                                          r" nodes \[100, 107, 114\] dropped out"):
         r.server.unmask_requests()
     assert r.server.reveals == {}
 

@@ -7,7 +7,6 @@ check the coordinator's aggregate against the plain weighted average.
 """
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -148,7 +147,10 @@ def test_a_round_survives_one_dropout_before_the_masked_update_and_one_after(con
     job_id = client.submit(spec)
     status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"), timeout=180)
     assert status.state == "finished", status.error
-    assert len(status.rounds[1].nodes) == 5  # all five took part in the round
+    outcome = {n.name: n.refusal for n in status.rounds[1].nodes}
+    assert len(outcome) == 5  # all five took part in the round
+    assert outcome.pop("n0") == "dropped out: no answer to the collect stage in time"
+    assert not any(outcome.values())
     # The node that died after sending its masked update is in the sum; the other is not.
     assert 1 not in nodes[0].agent.clear and 1 in nodes[1].agent.clear
     check_aggregate(client, job_id, spec, nodes[1:])

@@ -30,9 +30,14 @@ def _is_transformer(spec: JobSpec) -> bool:
 
 
 def build_model(spec: JobSpec, seed: int = 0) -> nn.Module:
-    """The job's model; for a transformer, the base is checked against the spec's hash first."""
-    torch.manual_seed(seed)
-    return transformer.build(spec) if _is_transformer(spec) else tabular.build(spec)
+    """The job's model; for a transformer, the base is checked against the spec's hash first.
+
+    New weights come from ``seed``, on a forked RNG: the process's own RNG, which DP-SGD
+    samples batches from, is never reset to a value anyone can know.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transformer.build(spec) if _is_transformer(spec) else tabular.build(spec)
 
 
 def load_dataset(path: str | Path, spec: JobSpec) -> TensorDataset:

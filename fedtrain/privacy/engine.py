@@ -8,6 +8,7 @@ frozen base model (LoRA) gets no per-example gradients and no noise.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,10 @@ def train_private(
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     global_weights = [p.detach().clone() for p in trainable]
+    # Noise and batch sampling must be unpredictable. Opacus's secure_mode needs torchcsprng
+    # (no build for this torch), so both RNGs are seeded from the OS's CSPRNG instead;
+    # Opacus's Poisson sampler draws from the process's RNG.
+    torch.manual_seed(secrets.randbits(63))
     engine = PrivacyEngine(accountant=spec.privacy.accountant)
     dp_model, optimizer, dp_loader = engine.make_private(
         module=model,
@@ -47,6 +52,7 @@ def train_private(
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=spec.privacy.max_grad_norm,
         poisson_sampling=True,
+        noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
     )
     lr = spec.training.learning_rate
 

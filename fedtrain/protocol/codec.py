@@ -20,7 +20,9 @@ PROTOCOL_VERSION = "fedtrain.v1"
 CHUNK_BYTES = 1 << 20
 # gRPC's cap per message; chunks stay well below it.
 MAX_MESSAGE_BYTES = 4 << 20
-ALLOWED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32", "bool"})
+ALLOWED_DTYPES = frozenset(
+    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32", "bool"}
+)
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

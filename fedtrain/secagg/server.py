@@ -167,9 +167,8 @@ class SecAggServer:
     def add_masked(self, node: int, vector: np.ndarray) -> None:
         self._from(node, self.u2 or (), self.masked, "masked update", self.u3)
         if vector.dtype != FIELD or vector.shape != (self.length,):
-            raise WireError(
-                f"the masked update of node {node} is {vector.dtype}{list(vector.shape)}, expected uint32[{self.length}]"
-            )
+            got = f"{vector.dtype}{list(vector.shape)}"
+            raise WireError(f"the masked update of node {node} is {got}, expected uint32[{self.length}]")
         self._sum += vector  # uint32 arithmetic wraps: addition in the field
         self.masked.add(node)
 
