@@ -127,7 +127,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 return pb.PollReply(task=pb.TaskHeader(
                     task_id=task.task_id, job_id=task.job_id, round=task.round,
                     message_type=task.message.metadata.message_type, config=encode_values(config),
-                    secagg=task.secagg,
+                    secagg=task.secagg, spec_json=self.c.store.job(task.job_id).spec_json,
                 ))
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not context.is_active():

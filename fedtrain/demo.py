@@ -84,7 +84,9 @@ def train_centrally(spec: JobSpec, union: TensorDataset, test: Path) -> dict[str
     job's rounds x local epochs, and evaluate it on the test file."""
     model = build_model(spec)
     load_trainable_state(model, initial_state(spec))
-    train_plain(model, union, spec.training, spec.training.rounds * spec.training.local_epochs, loss_fn(spec))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a reproducible baseline: it is not private and needs no secret randomness
+        train_plain(model, union, spec.training, spec.training.rounds * spec.training.local_epochs, loss_fn(spec))
     return evaluate(model, load_dataset(test, spec), spec)
 
 

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 from flwr.app import DEFAULT_TTL, ConfigRecord, Context, Message, Metadata, RecordDict
 
+from fedtrain import approval
 from fedtrain.audit import AuditLog
 from fedtrain.client_app import app as client_app
 from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
@@ -66,6 +67,7 @@ class StatePaths:
         self.ledger = state_dir / "ledger.db"
         self.jobs = state_dir / "jobs.db"
         self.audit = state_dir / "audit.jsonl"
+        self.key = state_dir / "node_ed25519.pem"  # signs the owner's approvals
 
 
 class NodeAgent:
@@ -81,6 +83,7 @@ class NodeAgent:
         self.ledger = PrivacyLedger(paths.ledger, max_epsilon=policy.max_epsilon, delta=policy.delta)
         self.jobs = JobBook(paths.jobs)
         self.audit = AuditLog(paths.audit)
+        self.key = approval.load_or_create_key(paths.key)
         self.node_id = 0
         self.failpoint = failpoint
         # Secure aggregation state of rounds in progress: in memory only, so a restart forgets
@@ -151,7 +154,10 @@ class NodeAgent:
         except FedtrainError as err:
             decision, reason = Decision.REFUSED, str(err)
         log.info("job %s: %s (%s)", offer.job_id, decision.value, reason)
-        self.jobs.record(offer.job_id, offer.spec_json, decision, reason)
+        signature = None
+        if decision is Decision.ACCEPTED:  # the policy approves a job within its bounds
+            signature = approval.sign(self.key, offer.job_id, spec.digest())
+        self.jobs.record(offer.job_id, offer.spec_json, decision, reason, signature)
         self._answer_offers()
 
     def _answer_offers(self) -> None:
@@ -175,6 +181,17 @@ class NodeAgent:
         if stage not in _SERVED.get(task.message_type, ()):
             return f"a {task.message_type!r} task in secure aggregation stage {stage} is not served"
         spec = job.spec
+        if job.signature is None or not approval.verify(self.key.public_key(), job.job_id, spec.digest(),
+                                                         job.signature):
+            return (f"job {task.job_id}: the spec on record carries no valid approval of this node"
+                    " (was the job book changed?); nothing runs")
+        try:
+            sent = job_spec_from_json(task.spec_json, source="the task's job spec")
+        except FedtrainError as err:
+            return str(err)
+        if sent.digest() != spec.digest():
+            return (f"the task is for another spec than the approved one: "
+                    f"{'; '.join(approval.spec_difference(spec, sent))}")
         if (spec.secagg is not None) != (stage is not None):
             # Above all, an update of a securely aggregated job never leaves unmasked.
             return (f"job {task.job_id} was accepted {'with' if spec.secagg else 'without'} secure aggregation;"

@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from fedtrain import approval
 from fedtrain.audit import AuditLog
 from fedtrain.console import console
 from fedtrain.policy import Decision, load_policy
@@ -85,13 +86,71 @@ def budget(state_dir: Path = STATE_DIR, as_json: bool = typer.Option(False, "--j
     console.print(table)
 
 
+def _show(job, data: Path | None, key) -> Table:
+    """Exactly what a job runs on this node and what leaves it, for the owner to approve."""
+    from fedtrain.models import expected_manifest, load_dataset
+    from fedtrain.privacy.accounting import epsilon, plan_round
+    from fedtrain.secagg.encoding import clip_range, masked_manifest
+
+    spec = job.spec
+    signed = job.signature is not None and approval.verify(key.public_key(), job.job_id, spec.digest(), job.signature)
+    table = Table(title=f"job {job.job_id} ({spec.name}): {job.decision.value}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("spec sha256", spec.digest())
+    table.add_row("approval", "signed by this node's key" if signed else "not approved")
+    model = spec.model
+    table.add_row("task, model", f"{spec.task}, {model.kind}" + (
+        f" base {model.base} (sha256 {model.sha256[:16]}…)" if model.kind == "transformer" else ""))
+    if spec.adapter is not None:
+        table.add_row("adapter", f"LoRA r={spec.adapter.r} alpha={spec.adapter.alpha:g} on {spec.adapter.target_modules}")
+    table.add_row("reads columns", ", ".join(str(v) for v in spec.data.model_dump().values() if v))
+    t = spec.training
+    table.add_row("training", f"{t.rounds} rounds x {t.local_epochs} local epoch(s), batch {t.batch_size}, "
+                              f"lr {t.learning_rate:g}, strategy {spec.strategy.name}")
+    table.add_row("DP-SGD", f"epsilon {spec.privacy.epsilon:g} for the whole job at delta {spec.privacy.delta:g}, "
+                            f"clipping {spec.privacy.max_grad_norm:g}")
+    if data is not None:
+        plan = plan_round(spec, len(load_dataset(data, spec)))
+        per_round = [epsilon([plan.as_history()] * r, spec.privacy.delta) for r in range(1, t.rounds + 1)]
+        table.add_row("epsilon on this data", f"noise {plan.noise_multiplier:.3f}; after each round: "
+                      + ", ".join(f"{e:.3f}" for e in per_round))
+    else:
+        table.add_row("epsilon on this data", "pass --data FILE to see the noise and the epsilon after each round")
+    try:
+        manifest = expected_manifest(spec)
+        tensors = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in manifest.items())
+    except Exception as err:  # e.g. the base model is not on this machine
+        manifest, tensors = None, f"(cannot build the model here: {err})"
+    if spec.secagg is not None:
+        table.add_row("secure aggregation", f"on: the coordinator sees only the sum; updates clipped to "
+                                            f"+-{clip_range(spec):g} per element")
+        if manifest is not None:
+            (name, info), = masked_manifest(manifest).items()
+            tensors = f"{name} {info.dtype}{list(info.shape)}, masking: {tensors}"
+    else:
+        table.add_row("secure aggregation", "off: the coordinator sees this node's update")
+    table.add_row("leaves this node per round", f"{tensors}; the DP parameters and epsilon of the round"
+                  + ("" if spec.secagg is not None else "; the number of examples"))
+    return table
+
+
 @app.command()
-def jobs(state_dir: Path = STATE_DIR) -> None:
+def jobs(state_dir: Path = STATE_DIR,
+         show: str = typer.Option("", "--show", metavar="JOB_ID", help="Everything about one job, to approve it."),
+         data: Path | None = typer.Option(None, "--data", help="With --show: your data file, for the epsilon.")) -> None:
     """Jobs offered to this node and the policy's decision on each; pending ones await `approve`."""
+    paths = StatePaths(state_dir)
+    if show:
+        job = JobBook(paths.jobs).get(show)
+        if job is None:
+            raise typer.BadParameter(f"no job {show!r} on this node; `fedtrain node jobs` lists them")
+        console.print(_show(job, data, approval.load_or_create_key(paths.key)))
+        return
     table = Table(title="jobs")
     for col in ("job", "name", "rounds", "epsilon", "delta", "decision", "reason"):
         table.add_column(col)
-    for job in JobBook(StatePaths(state_dir).jobs).all():
+    for job in JobBook(paths.jobs).all():
         spec = job.spec
         table.add_row(job.job_id, spec.name, str(spec.training.rounds), f"{spec.privacy.epsilon:g}",
                       f"{spec.privacy.delta:g}", job.decision.value, job.reason)
@@ -99,8 +158,15 @@ def jobs(state_dir: Path = STATE_DIR) -> None:
 
 
 def _decide(state_dir: Path, job_id: str, decision: Decision, reason: str) -> None:
+    paths = StatePaths(state_dir)
+    book = JobBook(paths.jobs)
     try:
-        job = JobBook(StatePaths(state_dir).jobs).decide(job_id, decision, reason)
+        job = book.get(job_id)
+        signature = None
+        if decision is Decision.ACCEPTED and job is not None:
+            # What is signed is the exact spec on record; any later change voids the approval.
+            signature = approval.sign(approval.load_or_create_key(paths.key), job_id, job.spec.digest())
+        job = book.decide(job_id, decision, reason, signature)
     except (KeyError, ValueError) as err:
         console.print(f"[red]error:[/red] {err.args[0]}")
         raise typer.Exit(1) from None
@@ -119,9 +185,18 @@ def refuse(job_id: str, state_dir: Path = STATE_DIR, reason: str = typer.Option(
     _decide(state_dir, job_id, Decision.REFUSED, reason)
 
 
-@app.command()
-def audit(state_dir: Path = STATE_DIR, as_json: bool = typer.Option(False, "--json", help="Print JSON lines.")) -> None:
+audit_app = typer.Typer(help="The node's audit log of outbound messages.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.callback(invoke_without_command=True)
+def audit(ctx: typer.Context, state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR.help),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON lines.")) -> None:
     """Every message this node has sent out: type, job, round, tensors, payload hash, epsilon."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if state_dir is None:
+        raise typer.BadParameter("give the node's --state-dir", param_hint="--state-dir")
     entries = list(AuditLog(StatePaths(state_dir).audit).entries())
     if as_json:
         for e in entries:
@@ -136,3 +211,14 @@ def audit(state_dir: Path = STATE_DIR, as_json: bool = typer.Option(False, "--js
                       "" if e["round"] is None else str(e["round"]), tensors, e["payload_sha256"][:16],
                       "" if e["epsilon"] is None else f"{e['epsilon']:.4f}", e["detail"])
     console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(state_dir: Path = STATE_DIR) -> None:
+    """Check the log's hash chain: an edited, removed, inserted or reordered entry is named. Exits 1 if any."""
+    result = AuditLog(StatePaths(state_dir).audit).verify()
+    for problem in result.problems:
+        console.print(f"[red]{problem}[/red]")
+    if not result.ok:
+        raise typer.Exit(1)
+    console.print(f"audit log intact: {result.entries} entries, head {result.head}")

@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     decision TEXT NOT NULL,
     reason TEXT NOT NULL,
     answered INTEGER NOT NULL DEFAULT 0,   -- has the coordinator been told the decision?
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    signature BLOB                          -- the node's Ed25519 approval of (job id, spec sha256)
 );
 """
 
@@ -32,6 +33,7 @@ class JobRecord:
     decision: Decision
     reason: str
     answered: bool
+    signature: bytes | None
 
     @property
     def spec(self) -> JobSpec:
@@ -43,15 +45,19 @@ class JobBook:
         self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        if "signature" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN signature BLOB")  # a job book from before approvals
 
     def close(self) -> None:
         self._db.close()
 
-    def record(self, job_id: str, spec_json: str, decision: Decision, reason: str) -> None:
+    def record(self, job_id: str, spec_json: str, decision: Decision, reason: str,
+               signature: bytes | None = None) -> None:
         self._db.execute(
-            "INSERT INTO jobs (job_id, spec_json, decision, reason, received_at) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT(job_id) DO UPDATE SET decision = excluded.decision, reason = excluded.reason, answered = 0",
-            (job_id, spec_json, decision.value, reason, time.time()),
+            "INSERT INTO jobs (job_id, spec_json, decision, reason, received_at, signature) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(job_id) DO UPDATE SET decision = excluded.decision, reason = excluded.reason, answered = 0,"
+            " signature = excluded.signature",
+            (job_id, spec_json, decision.value, reason, time.time(), signature),
         )
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -68,8 +74,8 @@ class JobBook:
         # Only if unchanged since read: an approval that lands meanwhile must still be sent.
         self._db.execute("UPDATE jobs SET answered = 1 WHERE job_id = ? AND decision = ?", (job_id, decision.value))
 
-    def decide(self, job_id: str, decision: Decision, reason: str) -> JobRecord:
-        """The owner's decision on a pending job."""
+    def decide(self, job_id: str, decision: Decision, reason: str, signature: bytes | None = None) -> JobRecord:
+        """The owner's decision on a pending job; an approval comes with its signature."""
         job = self.get(job_id)
         if job is None:
             known = ", ".join(j.job_id for j in self.all()) or "none"
@@ -77,12 +83,14 @@ class JobBook:
         if job.decision is not Decision.PENDING_APPROVAL:
             raise ValueError(f"job {job_id} is not pending approval; it is {job.decision.value}")
         self._db.execute(
-            "UPDATE jobs SET decision = ?, reason = ?, answered = 0 WHERE job_id = ?", (decision.value, reason, job_id)
+            "UPDATE jobs SET decision = ?, reason = ?, answered = 0, signature = ? WHERE job_id = ?",
+            (decision.value, reason, signature, job_id),
         )
         return self.get(job_id)
 
     def _select(self, where: str, args: tuple) -> list[JobRecord]:
         cur = self._db.execute(
-            f"SELECT job_id, spec_json, decision, reason, answered FROM jobs {where} ORDER BY received_at", args
+            f"SELECT job_id, spec_json, decision, reason, answered, signature FROM jobs {where} ORDER BY received_at",
+            args,
         )
-        return [JobRecord(j, s, Decision(d), r, bool(a)) for j, s, d, r, a in cur]
+        return [JobRecord(j, s, Decision(d), r, bool(a), sig) for j, s, d, r, a, sig in cur]

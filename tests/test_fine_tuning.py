@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from fedtrain.launch import LocalConsortium
 from fedtrain.models import build_model, expected_manifest, load_dataset, load_trainable_state
@@ -69,6 +68,7 @@ def test_three_nodes_fine_tune_a_tiny_llm_and_only_the_adapter_leaves(tmp_path, 
             assert e["tensors"] == [{"name": "secagg.masked", "dtype": "uint32", "shape": [1 + elements]}]
         stages = [e["detail"].split(":")[0] for e in sent if not e["tensors"]]
         assert stages == ["secagg setup", "secagg share keys", "secagg unmask"] * 2
+        assert "audit log intact" in cli("node", "audit", "verify", "--state-dir", str(state)).stdout
         ledger = PrivacyLedger(state / "ledger.db", max_epsilon=10.0, delta=1e-5)
         assert [r.round for r in ledger.rows(job_id)] == [1, 2] and ledger.spent() <= 8.0 + 1e-6
         ledger.close()

@@ -6,93 +6,16 @@ start`. They record what they would have sent in the clear, so that the test can
 check the coordinator's aggregate against the plain weighted average.
 """
 
-import threading
-
 import numpy as np
 import pytest
 
-from coordinator.service import serve
-from fedtrain.client import CoordinatorClient
-from fedtrain.data import write_table
 from fedtrain.models import initial_state
-from fedtrain.policy import NodePolicy
-from fedtrain.secagg.encoding import clip_range, error_bound, node_weight, quant_bits
-from fedtrain.privacy.ledger import PrivacyLedger
-from nodes.agent import Failpoint, NodeAgent, StatePaths
+from fedtrain.secagg.encoding import clip_range, error_bound, quant_bits
 
-from conftest import FEATURES, make_spec
+from conftest import make_spec
 from test_end_to_end import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-class RecordingAgent(NodeAgent):
-    """A node agent that also keeps, in memory, the weighted update it masks."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.clear: dict[int, tuple[float, dict]] = {}
-
-    def _mask(self, spec, secagg, update, start, num_examples):
-        change = {k: update[k].astype(np.float64) - start[k] for k in update}
-        self.clear[secagg.round] = (node_weight(num_examples, spec.secure_aggregation.max_weight), change)
-        return NodeAgent._mask(spec, secagg, update, start, num_examples)
-
-
-class Node:
-    def __init__(self, address, data, state_dir, name, failpoint=""):
-        self.args = dict(coordinator=address, data=data, policy=NodePolicy(max_epsilon=10.0), state_dir=state_dir,
-                         name=name, poll_seconds=0.5)
-        self.start(failpoint)
-
-    def start(self, failpoint=""):
-        self.agent = RecordingAgent(failpoint=failpoint, **self.args)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            self.agent.run(self.stop)
-        except Failpoint:
-            pass  # the node is gone: it answers nothing more
-        finally:
-            self.agent.close()
-
-    def charged_rounds(self, job_id):
-        ledger = PrivacyLedger(StatePaths(self.args["state_dir"]).ledger, max_epsilon=10.0, delta=1e-5)
-        try:
-            return [r.round for r in ledger.rows(job_id)]
-        finally:
-            ledger.close()
-
-    def halt(self):
-        self.stop.set()
-        self.thread.join(10)
-
-
-@pytest.fixture
-def consortium(tmp_path, cancer):
-    x, y = cancer
-    order = np.random.default_rng(1).permutation(len(y))
-    server, port, coord = serve(tmp_path / "coordinator", port=0)
-    address = f"127.0.0.1:{port}"
-    nodes = []
-
-    def start(n, failpoints=()):
-        for i, idx in enumerate(np.array_split(order, n)):
-            path = tmp_path / f"shard-{i}.csv"
-            write_table(path, FEATURES, x[idx], "malignant", y[idx])
-            fp = failpoints[i] if i < len(failpoints) else ""
-            nodes.append(Node(address, path, tmp_path / f"node-{i}", f"n{i}", fp))
-        return nodes
-
-    with CoordinatorClient(address) as client:
-        yield start, client
-    for node in nodes:
-        node.halt()
-    coord.stop()
-    server.stop(0).wait()
 
 
 def secure_spec(n, min_nodes=None, rounds=1):

@@ -76,3 +76,37 @@ def test_review_refuses_a_job_that_does_not_fit_the_budget(ledger):
     review = review_job(make_spec(privacy={"epsilon": 3.0}), NodePolicy(max_epsilon=2.0), ledger, 150)
     assert review.decision is Decision.REFUSED
     assert "privacy budget exceeded" in review.reason and "remaining 2.0000" in review.reason
+
+
+def test_the_audit_log_is_a_hash_chain_and_verify_names_each_kind_of_tampering(tmp_path):
+    from fedtrain.audit import AuditLog
+
+    def fresh(name):
+        log = AuditLog(tmp_path / name / "audit.jsonl")
+        log.path.parent.mkdir()
+        for i in range(5):
+            log.record("SubmitResult", peer="127.0.0.1:1", job_id="j", round=i, payload_sha256=f"{i:064x}")
+        return log
+
+    log = fresh("intact")
+    assert log.verify().ok and log.verify().entries == 5
+    assert AuditLog(log.path).verify().ok  # reopened: the chain continues from the head
+    reopened = AuditLog(log.path)
+    reopened.record("Poll", peer="127.0.0.1:1")
+    assert reopened.verify().ok and reopened.verify().entries == 6
+
+    def tamper(name, change):
+        log = fresh(name)
+        lines = log.path.read_text().splitlines()
+        log.path.write_text("\n".join(change(lines)) + "\n")
+        return log.verify().problems
+
+    edited = tamper("edited", lambda ls: [ls[0], ls[1].replace('"round": 1', '"round": 7'), *ls[2:]])
+    assert any("line 3 (entry 3): the previous entry was changed" in p for p in edited)
+    deleted = tamper("deleted", lambda ls: ls[:2] + ls[3:])
+    assert any("line 3: entry 4 follows entry 2" in p for p in deleted)
+    swapped = tamper("swapped", lambda ls: [ls[0], ls[2], ls[1], *ls[3:]])
+    assert any("entry 3 follows entry 1" in p for p in swapped)
+    last = tamper("last", lambda ls: ls[:4] + [ls[4].replace("SubmitResult", "Poll")])
+    assert last and "the head says 5 entries" in last[0]
+    assert "the head says 5 entries" in tamper("cut", lambda ls: ls[:3])[0]

@@ -8,7 +8,7 @@ from opacus import GradSampleModule
 
 from fedtrain.errors import SpecError
 from fedtrain.models import (
-    build_model, causal_lm_loss, evaluate, expected_manifest, initial_state, load_dataset, load_trainable_state,
+    build_model, causal_lm_loss, evaluate, expected_manifest, initial_state, load_dataset,
     loss_fn, trainable_state,
 )
 from fedtrain.models.transformer import BaseModelMismatch, weights_digest

@@ -70,7 +70,7 @@ class JobOffer(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "message_type", "config", "secagg")
+    __slots__ = ("task_id", "job_id", "round", "message_type", "config", "secagg", "spec_json")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,13 +84,15 @@ class TaskHeader(_message.Message):
     MESSAGE_TYPE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
     message_type: str
     config: _containers.MessageMap[str, Value]
     secagg: SecAggRequest
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., message_type: _Optional[str] = ..., config: _Optional[_Mapping[str, Value]] = ..., secagg: _Optional[_Union[SecAggRequest, _Mapping]] = ...) -> None: ...
+    spec_json: str
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., message_type: _Optional[str] = ..., config: _Optional[_Mapping[str, Value]] = ..., secagg: _Optional[_Union[SecAggRequest, _Mapping]] = ..., spec_json: _Optional[str] = ...) -> None: ...
 
 class PollReply(_message.Message):
     __slots__ = ("offer", "task")

@@ -1,0 +1,95 @@
+"""Signed owner approvals: a node runs only the exact spec it approved."""
+
+import json
+import sqlite3
+
+from fedtrain import approval
+from fedtrain.audit import AuditLog
+from fedtrain.policy import Decision, NodePolicy
+from nodes.agent import StatePaths
+from nodes.jobs import JobBook
+
+from conftest import make_spec
+from test_end_to_end import cli, wait_for
+
+
+def test_signatures_bind_the_job_and_the_spec_and_differences_are_named(tmp_path):
+    key = approval.load_or_create_key(tmp_path / "k.pem")
+    assert (tmp_path / "k.pem").stat().st_mode & 0o777 == 0o600
+    same = approval.load_or_create_key(tmp_path / "k.pem")
+    spec, other = make_spec(), make_spec(training={"rounds": 5, "learning_rate": 2.0})
+    sig = approval.sign(key, "job1", spec.digest())
+    assert approval.verify(same.public_key(), "job1", spec.digest(), sig)
+    assert not approval.verify(key.public_key(), "job2", spec.digest(), sig)
+    assert not approval.verify(key.public_key(), "job1", other.digest(), sig)
+    assert approval.spec_difference(spec, other) == [
+        "training.learning_rate: 0.5 approved, 2.0 in the task", "training.rounds: 2 approved, 5 in the task"]
+
+
+def _refusals(status):
+    return [n.refusal for r in status.rounds for n in r.nodes if n.refusal]
+
+
+def _nothing_left(node, job_id):
+    assert node.charged_rounds(job_id) == []
+    sent = [e for e in AuditLog(StatePaths(node.args["state_dir"]).audit).entries() if e["type"] == "SubmitResult"]
+    assert sent and all(not e["tensors"] and e["detail"].startswith("refusal") for e in sent)
+
+
+def _pending(consortium, spec):
+    """One node whose owner approves by hand, and a submitted job waiting for that approval."""
+    start, client = consortium
+    node, = start(1)
+    node.halt()
+    node.args["policy"] = NodePolicy(max_epsilon=10.0, require_approval=True)
+    node.start()
+    job_id = client.submit(spec)
+    wait_for(client, job_id, lambda s: any(n.decision == "pending_approval" for n in s.nodes))
+    return node, client, job_id
+
+
+def test_a_task_for_another_spec_than_the_approved_one_is_refused_naming_the_difference(consortium, tmp_path):
+    spec = make_spec(training={"rounds": 1})
+    node, client, job_id = _pending(consortium, spec)
+    # The coordinator's record of the job changes while the owner reads the offer.
+    changed = make_spec(training={"rounds": 1, "learning_rate": 5.0})
+    db = sqlite3.connect(tmp_path / "coordinator" / "coordinator.db")
+    db.execute("UPDATE jobs SET spec_json = ? WHERE id = ?", (changed.canonical_json(), job_id))
+    db.commit()
+    cli("node", "approve", job_id, "--state-dir", str(node.args["state_dir"]))
+    status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"))
+    assert any("another spec than the approved one: training.learning_rate: 0.5 approved, 5.0 in the task" in r
+               for r in _refusals(status))
+    _nothing_left(node, job_id)
+
+
+def test_a_job_book_changed_behind_the_agent_voids_the_approval(consortium):
+    spec = make_spec(training={"rounds": 1})
+    node, client, job_id = _pending(consortium, spec)
+    paths = StatePaths(node.args["state_dir"])
+    book = JobBook(paths.jobs)
+    book.decide(job_id, Decision.ACCEPTED, "approved", approval.sign(approval.load_or_create_key(paths.key), job_id,
+                                                                      spec.digest()))
+    # Someone edits the node's job book after the owner signed (before the agent sends the answer).
+    edited = json.loads(book.get(job_id).spec_json)
+    edited["privacy"]["epsilon"] = 50.0
+    book._db.execute("UPDATE jobs SET spec_json = ? WHERE job_id = ?", (json.dumps(edited), job_id))
+    status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"))
+    assert any("carries no valid approval of this node" in r for r in _refusals(status))
+    _nothing_left(node, job_id)
+
+
+def test_the_owner_cli_shows_the_job_and_signs_its_approval(tmp_path, shards):
+    paths = StatePaths(tmp_path)
+    spec = make_spec(min_nodes=3)
+    book = JobBook(paths.jobs)
+    book.record("j1", spec.canonical_json(), Decision.PENDING_APPROVAL, "waiting for the data owner's approval")
+    shown = cli("node", "jobs", "--state-dir", str(tmp_path), "--show", "j1", "--data", str(shards[0][0])).stdout
+    for text in (spec.digest(), "not approved", "on: the coordinator sees only the sum", "secagg.masked uint32[11]",
+                 "0.weight float32[2, 4]", "after each round:"):
+        assert text in shown, text
+    cli("node", "approve", "j1", "--state-dir", str(tmp_path))
+    record = JobBook(paths.jobs).get("j1")
+    key = approval.load_or_create_key(paths.key)
+    assert approval.verify(key.public_key(), "j1", spec.digest(), record.signature)
+    assert "signed by this node's key" in cli("node", "jobs", "--state-dir", str(tmp_path), "--show", "j1").stdout
