@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
 from fedtrain.models import build_model, evaluate, load_trainable_state
 from fedtrain.spec import JobSpec
-from coordinator.grid import Mailbox, NetworkGrid
+from coordinator.grid import JobCancelled, Mailbox, NetworkGrid
 from coordinator.secure_round import AGGREGATED_NODES, secure_round
 from coordinator.store import Store
 
@@ -116,6 +116,9 @@ class JobRunner(threading.Thread):
             )
             failed = len(self._short_rounds) == self.spec.training.rounds
             self.store.set_job_state(self.job_id, "failed" if failed else "finished", self._short_summary())
+        except JobCancelled as err:  # the coordinator is stopping
+            log.info("job %s stopped: %s", self.job_id, err)
+            self.store.set_job_state(self.job_id, "failed", str(err))
         except Exception as err:  # the job fails, the coordinator keeps serving
             log.exception("job %s failed", self.job_id)
             self.store.set_job_state(self.job_id, "failed", f"{type(err).__name__}: {err}")

@@ -4,6 +4,7 @@ plus the standard health and reflection services."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent import futures
 from pathlib import Path
@@ -24,12 +25,16 @@ from fedtrain.protocol.codec import (
 )
 from fedtrain.spec import job_spec_from_json
 from coordinator.grid import Mailbox
+from coordinator.limits import RateLimiter
 from coordinator.runner import JobRunner
 from coordinator.store import Store
 
 log = logging.getLogger("fedtrain.coordinator")
 
 MAX_POLL_SECONDS = 30.0
+# Node RPCs per second per node (and per peer address for unregistered callers), and burst.
+RATE_PER_SECOND = 50.0
+RATE_BURST = 200
 _DECISIONS = {
     pb.OfferAnswer.ACCEPTED: "accepted",
     pb.OfferAnswer.REFUSED: "refused",
@@ -48,6 +53,8 @@ class Coordinator:
         self.store.fail_interrupted_jobs()
         self.mailbox = Mailbox()
         self.runners: dict[str, JobRunner] = {}
+        # Per node id for registered nodes, per peer address for Register.
+        self.limits = RateLimiter(per_second=RATE_PER_SECOND, burst=RATE_BURST)
         # Flower stamps messages with a process-wide task identity; the coordinator plays
         # the server's role in every job.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
@@ -89,10 +96,20 @@ class Coordinator:
         return status
 
 
+def _limit(coord: Coordinator, key, who: str, context: grpc.ServicerContext) -> None:
+    if not coord.limits.allow(key):
+        log.warning("rate limit: %s exceeds %g requests/s", who, RATE_PER_SECOND)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"{who} sends more than {RATE_PER_SECOND:g} requests per second; slow down and retry")
+
+
 def _known_node(coord: Coordinator, node_id: int, context: grpc.ServicerContext) -> str:
-    name = coord.store.node_name(node_id)
+    # Ids are SQLite integers; a larger uint64 from the wire names no node.
+    name = coord.store.node_name(node_id) if node_id < 2**63 else None
     if name is None:
+        _limit(coord, context.peer().rsplit(":", 1)[0], f"peer {context.peer()}", context)
         context.abort(grpc.StatusCode.NOT_FOUND, f"unknown node id {node_id}: call Register first")
+    _limit(coord, node_id, f"node {node_id} ({name})", context)
     return name
 
 
@@ -101,6 +118,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.c = coord
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+        _limit(self.c, context.peer().rsplit(":", 1)[0], f"peer {context.peer()}", context)
         if request.protocol_version != PROTOCOL_VERSION:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -115,7 +133,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollReply:
         _known_node(self.c, request.node_id, context)
-        deadline = time.monotonic() + min(max(request.wait_seconds, 0.0), MAX_POLL_SECONDS)
+        wait = request.wait_seconds if math.isfinite(request.wait_seconds) else 0.0
+        deadline = time.monotonic() + min(max(wait, 0.0), MAX_POLL_SECONDS)
         while True:
             self.c.store.touch_node(request.node_id)
             job = self.c.store.next_offer(request.node_id)

@@ -188,3 +188,28 @@ def test_secure_aggregation_input_from_raw_nodes_is_checked_and_replays_are_refu
     code, details = code_and_details(lambda: nodes.SubmitResult(iter(parts)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "tensor 'secagg.masked' is uint32[3], expected uint32[11]" \
         in details
+
+
+def test_a_flooding_node_is_slowed_down_and_the_others_go_on(coordinator):
+    channel, _ = coordinator
+    nodes = pb_grpc.NodeServiceStub(channel)
+    flood, calm = (nodes.Register(pb.RegisterRequest(name=n, protocol_version=PROTOCOL_VERSION)).node_id
+                   for n in ("flood", "calm"))
+    refused = 0
+    for _ in range(400):
+        try:
+            nodes.Poll(pb.PollRequest(node_id=flood, wait_seconds=0))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"node {flood} (flood) sends more than 50 requests per second" in err.details()
+            refused += 1
+    assert refused > 100
+    nodes.Poll(pb.PollRequest(node_id=calm, wait_seconds=0))  # unaffected
+    # Unregistered callers are limited by address: a flood of fake ids does not get through either.
+    codes = set()
+    for i in range(400):
+        try:
+            nodes.Poll(pb.PollRequest(node_id=10_000 + i, wait_seconds=0))
+        except grpc.RpcError as err:
+            codes.add(err.code())
+    assert codes == {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
