@@ -1,6 +1,7 @@
 """Real processes on 127.0.0.1: a coordinator, node agents, and the `fedtrain` CLI."""
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,6 +34,17 @@ def wait_for(client, job_id, predicate, timeout=180):
             return status
         time.sleep(0.3)
     raise AssertionError(f"timed out; last status: {status}")
+
+
+def registered(consortium, names, timeout=60):
+    """Wait until the coordinator knows these nodes (read from its database)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(consortium.root / "coordinator" / "coordinator.db") as db:
+            if set(names) <= {name for name, in db.execute("SELECT name FROM nodes")}:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nodes {names} did not register within {timeout}s")
 
 
 def write_policy(path, **policy):
@@ -137,3 +149,30 @@ def test_a_crash_between_ledger_commit_and_send_loses_no_spend(tmp_path, shards)
     assert set(decode_values(round1.nodes[0].metrics)) == {
         "num-examples", "noise-multiplier", "sample-rate", "steps", "epsilon", "delta", "lifetime-epsilon-increase"}
     ledger.close()
+
+
+def test_losing_one_of_three_nodes_mid_round_keeps_the_job_going_and_charges_once(tmp_path, shards):
+    paths, _ = shards
+    policy = write_policy(tmp_path / "policy.yaml", max_epsilon=5.0)
+    spec = make_spec(min_nodes=2, round_timeout=8)
+    with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
+        c.start_coordinator()
+        for i in range(2):
+            c.start_node(f"n{i}", paths[i], policy)
+        lost = c.start_node("n2", paths[2], policy, env={"FEDTRAIN_FAILPOINT": "after-ledger-commit"})
+        registered(c, ["n0", "n1", "n2"])  # so that round 1 samples all three
+        with c.client() as client:
+            job_id = client.submit(spec)
+            assert lost.wait(120) == 70  # gone mid-round: charged round 1, never sent it
+            # The round goes on without it once its deadline passes: min_nodes = 2 still holds.
+            status = wait_for(client, job_id, lambda s: any(r.round == 1 for r in s.rounds))
+            assert sorted(n.name for n in status.rounds[1].nodes) == ["n0", "n1"]
+            c.start_node("n2", paths[2], policy)  # it comes back and rejoins at the next round
+            status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"))
+    assert status.state == "finished", status.error
+    assert sorted(n.name for n in status.rounds[2].nodes) == ["n0", "n1", "n2"]
+    for i in range(3):
+        ledger = PrivacyLedger(c.node_state(f"n{i}") / "ledger.db", max_epsilon=5.0, delta=1e-5)
+        # Each round charged exactly once; n2's round-1 update was charged, then refused as late.
+        assert [(r.round, r.sent) for r in ledger.rows(job_id)] == [(1, True), (2, True)], f"n{i}"
+        ledger.close()
