@@ -22,7 +22,8 @@ from flwr.supercore.run import Run
 
 from fedtrain.client_app import arrays_to_numpy
 from fedtrain.protocol import fedtrain_pb2 as pb
-from fedtrain.protocol.codec import Manifest, manifest_of
+from fedtrain.errors import WireError
+from fedtrain.protocol.codec import Manifest, decode_values, manifest_of, require_finite
 from coordinator.store import Store
 
 # A node counts as connected while it has polled within this many seconds.
@@ -44,9 +45,18 @@ class Task:
     message: Message
     arrays: dict[str, np.ndarray]       # what the node fetches: the global model, or nothing
     expect: Manifest                    # the tensors its result must hold, exactly
+    # Checks (and, for secure aggregation, takes in) a result before it counts as the reply;
+    # raises WireError.
+    accept: Callable[[pb.ResultHeader, dict[str, np.ndarray]], None]
     secagg: pb.SecAggRequest | None = None
-    # Checks and takes in a result before it counts as the reply (raises WireError).
-    accept: Callable[[pb.ResultHeader, dict[str, np.ndarray]], None] | None = None
+
+
+def check_update(header: pb.ResultHeader, arrays: dict[str, np.ndarray]) -> None:
+    """What a result in the clear must be: finite tensors, and the example count FedAvg weighs by."""
+    require_finite(arrays)
+    examples = decode_values(header.metrics).get("num-examples")
+    if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
+        raise WireError("metrics must include a positive integer 'num-examples'")
 
 
 class Mailbox:
@@ -160,15 +170,15 @@ class NetworkGrid(Grid):
             raise JobCancelled(f"job {self.job_id} was cancelled")
         return self.store.accepted_nodes(self.job_id, seen_since=time.time() - NODE_LIVENESS_SECONDS)
 
-    def post(self, msg: Message, arrays: dict[str, np.ndarray], expect: Manifest,
-             secagg: pb.SecAggRequest | None = None, accept: Callable | None = None) -> str:
+    def post(self, msg: Message, arrays: dict[str, np.ndarray], expect: Manifest, accept: Callable,
+             secagg: pb.SecAggRequest | None = None) -> str:
         """Queue ``msg`` for its node; returns the task id."""
         task_id = uuid.uuid4().hex
         # Flower derives message ids on its own links; ours are the task ids.
         msg.metadata.__dict__["_message_id"] = task_id
         round = int(msg.content["config"]["server-round"])
         self.mailbox.post(Task(task_id, self.job_id, msg.metadata.dst_node_id, round, msg, arrays, expect,
-                               secagg, accept))
+                               accept, secagg))
         self.store.mark_running(self.job_id)
         return task_id
 
@@ -176,7 +186,7 @@ class NetworkGrid(Grid):
         ids = []
         for msg in messages:
             arrays = arrays_to_numpy(msg.content["arrays"])
-            ids.append(self.post(msg, arrays, expect=manifest_of(arrays)))
+            ids.append(self.post(msg, arrays, expect=manifest_of(arrays), accept=check_update))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

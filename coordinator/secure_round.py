@@ -58,8 +58,8 @@ def secure_round(grid: NetworkGrid, spec: JobSpec, messages: list[Message], time
             msg = by_node[node] if train else grid.create_message(
                 RecordDict({"config": ConfigRecord({"server-round": server_round})}), "train.secagg", node,
                 str(server_round))
-            ids.add(grid.post(msg, current if train else {}, masked_manifest(manifest) if train else {},
-                              secagg=pb.SecAggRequest(**{name: request}), accept=accept))
+            ids.add(grid.post(msg, current if train else {}, masked_manifest(manifest) if train else {}, accept,
+                              secagg=pb.SecAggRequest(**{name: request})))
         answered = {reply.metadata.src_node_id for reply in grid.exchange(ids, wait)}
         if name != "unmask":  # a node silent at unmask is still in the sum
             for node in sorted(set(requests) - answered):

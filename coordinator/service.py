@@ -21,7 +21,7 @@ from fedtrain.models import initial_state, load_dataset
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import (
-    GRPC_OPTIONS, PROTOCOL_VERSION, decode_arrays, decode_values, encode_arrays, encode_values, require_finite,
+    GRPC_OPTIONS, PROTOCOL_VERSION, decode_arrays, decode_values, encode_arrays, encode_values,
 )
 from fedtrain.spec import job_spec_from_json
 from coordinator.grid import Mailbox
@@ -198,12 +198,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                     chunks.append(part.tensor)
                 max_bytes = sum(i.nbytes for i in task.expect.values())
                 arrays = decode_arrays(chunks, expected=task.expect, max_total_bytes=max_bytes)
-                if task.accept is not None:
-                    task.accept(header, arrays)
-                else:
-                    require_finite(arrays)
-                    if not isinstance(metrics.get("num-examples"), int) or metrics["num-examples"] < 1:
-                        raise WireError("metrics must include a positive integer 'num-examples'")
+                task.accept(header, arrays)
                 numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                 reply = Message(
                     RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": MetricRecord(numeric)}),

@@ -89,6 +89,7 @@ class NodeAgent:
         # Secure aggregation state of rounds in progress: in memory only, so a restart forgets
         # its secrets and the coordinator treats the node as dropped.
         self._secagg: dict[tuple[str, int], SecAggNode] = {}
+        self._sizes: dict[tuple[str, int, int], int] = {}
         self._channel = grpc.insecure_channel(coordinator, options=GRPC_OPTIONS)
         self._stub = pb_grpc.NodeServiceStub(self._channel)
 
@@ -145,11 +146,21 @@ class NodeAgent:
                 stop.wait(delay)
                 delay = min(delay * 2, 10.0)
 
+    def _examples(self, spec: JobSpec) -> int:
+        """How many examples the job reads here; loading (e.g. tokenising) once per job and file version."""
+        if not self.data.exists():
+            return len(load_dataset(self.data, spec))  # which says what is missing
+        stat = self.data.stat()
+        key = (spec.digest(), stat.st_mtime_ns, stat.st_size)
+        if key not in self._sizes:
+            self._sizes[key] = len(load_dataset(self.data, spec))
+        return self._sizes[key]
+
     # --- job offers -----------------------------------------------------------
     def _on_offer(self, offer: pb.JobOffer) -> None:
         try:
             spec = job_spec_from_json(offer.spec_json, source=f"job {offer.job_id}")
-            review = review_job(spec, self.policy, self.ledger, len(load_dataset(self.data, spec)))
+            review = review_job(spec, self.policy, self.ledger, self._examples(spec))
             decision, reason = review.decision, review.reason
         except FedtrainError as err:
             decision, reason = Decision.REFUSED, str(err)
@@ -218,7 +229,7 @@ class NodeAgent:
         if stage in ("setup", "share_keys", "unmask"):
             return self._on_secagg_stage(task, spec, stage)
         try:
-            plan = plan_round(spec, len(load_dataset(self.data, spec)))
+            plan = plan_round(spec, self._examples(spec))
             quote = self.ledger.quote([plan])
             # The budget is checked before anything is fetched or trained.
             if not quote.allowed:
@@ -258,7 +269,7 @@ class NodeAgent:
         try:
             if stage == "setup":
                 # Refuse early, before any key exists, when the round would exceed the budget.
-                quote = self.ledger.quote([plan_round(spec, len(load_dataset(self.data, spec)))])
+                quote = self.ledger.quote([plan_round(spec, self._examples(spec))])
                 if not quote.allowed:
                     return self._refuse(task, quote.refusal())
                 # Earlier rounds of the job that never reached their unmask stage are over.
