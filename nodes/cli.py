@@ -18,6 +18,7 @@ from rich.table import Table
 from fedtrain import approval
 from fedtrain.audit import AuditLog
 from fedtrain.console import console
+from fedtrain.errors import FedtrainError
 from fedtrain.policy import Decision, load_policy
 from fedtrain.privacy.ledger import PrivacyLedger
 from nodes.agent import FAILPOINT_ENV, Failpoint, NodeAgent, StatePaths
@@ -120,7 +121,7 @@ def _show(job, data: Path | None, key) -> Table:
     try:
         manifest = expected_manifest(spec)
         tensors = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in manifest.items())
-    except Exception as err:  # e.g. the base model is not on this machine
+    except (FedtrainError, OSError, ValueError) as err:  # e.g. the base model is not on this machine
         manifest, tensors = None, f"(cannot build the model here: {err})"
     if spec.secagg is not None:
         table.add_row("secure aggregation", f"on: the coordinator sees only the sum; updates clipped to "

@@ -40,8 +40,7 @@ class Round:
                 self.server.add_shares(i, self.nodes[i].share_keys(req))
 
     def collect(self, skip=()):
-        self.collect_requests = self.server.collect_requests()
-        for i, req in self.collect_requests.items():
+        for i, req in self.server.collect_requests().items():
             self.nodes[i].receive_shares(req)
             if i in skip:
                 continue
