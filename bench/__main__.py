@@ -13,6 +13,10 @@ LoRA on the shipped MiniLM (text classification):
 Secure aggregation (SecAgg+), 1M-parameter update, n = 5, 10, 25, 50 nodes, 0% and 10% dropout:
 - round time with SecAgg+ / plain round time (both include the same local DP-SGD training);
 - bytes a node sends per round with SecAgg+ / plain bytes.
+
+Mutual TLS (real processes: a coordinator and 3 nodes):
+- the handshake's cost per connection (first RPC on a new channel, TLS - plaintext);
+- round time with mutual TLS / plaintext, at the demo's size and with a 1M-parameter update.
 """
 
 from __future__ import annotations
@@ -162,11 +166,26 @@ def secure_aggregation() -> None:
     console.print(table)
 
 
+def transport() -> None:
+    from bench.tls import run
+
+    result = run()
+    secure, plain = result["handshake_tls_ms"], result["handshake_plain_ms"]
+    table = Table(title=f"mutual TLS: a new connection's first answer takes {secure:.2f} ms vs {plain:.2f} ms"
+                        f" in plaintext (handshake {secure - plain:.2f} ms, paid once per node connection)")
+    for col in ("job, 3 nodes", "secure aggregation", "round s: plaintext / mutual TLS", "round time ratio"):
+        table.add_column(col)
+    for r in result["rounds"]:
+        table.add_row(r["job"], "on" if r["secure_aggregation"] else "off", f"{r['plain_s']:.2f} / {r['tls_s']:.2f}",
+                      f"{r['tls_s'] / r['plain_s']:.2f}x")
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-demo", action="store_true", help="skip the federated text demo (a few minutes)")
-    parser.add_argument("--only", choices=["tabular", "lora", "secagg"], help="run one group of measurements")
+    parser.add_argument("--only", choices=["tabular", "lora", "secagg", "tls"], help="run one group of measurements")
     args = parser.parse_args()
     if args.only in (None, "tabular"):
         tabular()
@@ -174,6 +193,8 @@ def main() -> None:
         lora(with_demo=not args.no_demo)
     if args.only in (None, "secagg"):
         secure_aggregation()
+    if args.only in (None, "tls"):
+        transport()
 
 
 if __name__ == "__main__":

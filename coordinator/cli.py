@@ -1,39 +1,116 @@
-"""`fedtrain coordinator ...` commands."""
+"""`fedtrain coordinator ...` commands: serve, and manage the consortium's nodes.
+
+The management commands work on the state directory directly, next to a running
+coordinator (SQLite allows it): a revocation takes effect at the node's next request.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
+from fedtrain.cli import INSECURE, TLS_DIR, identity_option
 from fedtrain.console import console
 
 app = typer.Typer(help="Run the coordinator that a consortium's nodes connect to.", no_args_is_help=True)
+STATE_DIR = typer.Option(..., "--state-dir", help="Directory for the coordinator's SQLite state (created if missing).")
+
+
+def _store(state_dir: Path):
+    from coordinator.store import Store
+
+    if not (state_dir / "coordinator.db").exists():
+        raise typer.BadParameter(f"{state_dir} holds no coordinator state", param_hint="--state-dir")
+    return Store(state_dir / "coordinator.db")
 
 
 @app.command()
 def start(
-    state_dir: Path = typer.Option(..., help="Directory for the coordinator's SQLite state (created if missing)."),
+    state_dir: Path = STATE_DIR,
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(7443, help="Port to listen on; 0 picks a free one."),
+    tls_dir: Path = TLS_DIR,
+    insecure: bool = INSECURE,
 ) -> None:
     """Start the coordinator and serve until SIGINT/SIGTERM.
 
-    The bound address is written to STATE_DIR/coordinator.addr once it is serving.
+    It serves mutual TLS with the coordinator certificate in --tls-dir: every caller needs a
+    certificate from the same CA. The bound address is written to STATE_DIR/coordinator.addr
+    once it is serving.
     """
     from coordinator.service import serve
 
+    identity = identity_option(tls_dir, insecure, "coordinator")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s", force=True)
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
-    server, bound, coord = serve(state_dir, host, port)
+    server, bound, coord = serve(state_dir, host, port, identity=identity)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     (state_dir / "coordinator.addr").write_text(f"{host}:{bound}\n")
-    console.print(f"coordinator listening on {host}:{bound} (state in {state_dir})")
+    security = f"mutual TLS as {identity.name}" if identity else "plaintext"
+    console.print(f"coordinator listening on {host}:{bound}, {security} (state in {state_dir})")
     stop.wait()
     coord.stop()
     server.stop(grace=2).wait()
+
+
+@app.command()
+def token(
+    names: list[str] = typer.Argument(..., metavar="NODE...", help="Node names (their certificates' common names)."),
+    state_dir: Path = STATE_DIR,
+    hours: float = typer.Option(24.0, help="How long each token stays valid."),
+) -> None:
+    """Issue one-time join tokens: a node's first start with its token enrolls its certificate.
+
+    Prints one line per node: NAME TOKEN.
+    """
+    store = _store(state_dir)
+    for name in names:
+        print(name, store.create_token(name, hours * 3600))
+
+
+@app.command()
+def nodes(state_dir: Path = STATE_DIR) -> None:
+    """Every node the coordinator knows: certificate, state and when it was last seen."""
+    from coordinator.grid import NODE_LIVENESS_SECONDS
+
+    store = _store(state_dir)
+    now = time.time()
+    table = Table(title="nodes")
+    for col in ("id", "name", "state", "certificate", "valid until", "last seen"):
+        table.add_column(col)
+    for n in store.nodes():
+        if n.revoked_at is not None:
+            state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.gmtime(n.revoked_at))} UTC"
+        elif n.cert_expires is not None and n.cert_expires < now:
+            state = "certificate expired"
+        else:
+            state = "connected" if now - n.last_seen <= NODE_LIVENESS_SECONDS else "disconnected"
+        table.add_row(str(n.id), n.name, state, n.fingerprint[:23] + "…" if n.fingerprint else "none (plaintext)",
+                      time.strftime("%Y-%m-%d", time.gmtime(n.cert_expires)) if n.cert_expires else "",
+                      f"{now - n.last_seen:.0f} s ago")
+    for name, expires in store.open_tokens():
+        table.add_row("", name, "join token issued, not enrolled", "", "",
+                      f"token valid until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(expires))} UTC")
+    console.print(table)
+
+
+@app.command()
+def revoke(name: str = typer.Argument(..., metavar="NODE"), state_dir: Path = STATE_DIR) -> None:
+    """Revoke a node's certificate: the coordinator refuses it from its next request on, and drops
+    it from running jobs. A new certificate and join token can enroll the node again."""
+    from coordinator.store import EnrollmentError
+
+    try:
+        node = _store(state_dir).revoke(name)
+    except EnrollmentError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    console.print(f"node {node.name} revoked" + (f" (certificate {node.fingerprint})" if node.fingerprint else ""))

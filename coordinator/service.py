@@ -10,10 +10,12 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
 from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from torch.utils.data import TensorDataset
 
 from fedtrain.client_app import numpy_to_arrays
 from fedtrain.errors import FedtrainError, WireError
@@ -23,11 +25,12 @@ from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import (
     GRPC_OPTIONS, PROTOCOL_VERSION, decode_arrays, decode_values, encode_arrays, encode_values,
 )
-from fedtrain.spec import job_spec_from_json
+from fedtrain.spec import JobSpec, job_spec_from_json
+from fedtrain.tls import Identity, fingerprint, peer_certificate, role_and_name
 from coordinator.grid import Mailbox
 from coordinator.limits import RateLimiter
 from coordinator.runner import JobRunner
-from coordinator.store import Store
+from coordinator.store import EnrollmentError, Store
 
 log = logging.getLogger("fedtrain.coordinator")
 
@@ -47,10 +50,11 @@ REFUSAL_CODE = 100
 class Coordinator:
     """State shared by both services: the store, the mailbox and the running jobs."""
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, identity: Identity | None = None):
         state_dir.mkdir(parents=True, exist_ok=True)
+        # With an identity the coordinator speaks mutual TLS only, and knows nodes by certificate.
+        self.identity = identity
         self.store = Store(state_dir / "coordinator.db")
-        self.store.fail_interrupted_jobs()
         self.mailbox = Mailbox()
         self.runners: dict[str, JobRunner] = {}
         # Per node id for registered nodes, per peer address for Register.
@@ -58,6 +62,28 @@ class Coordinator:
         # Flower stamps messages with a process-wide task identity; the coordinator plays
         # the server's role in every job.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+        self._resume_jobs()
+
+    def _resume_jobs(self) -> None:
+        """Jobs a stop or crash interrupted go on after their last checkpoint."""
+        for job in self.store.active_jobs():
+            spec = job_spec_from_json(job.spec_json)
+            try:
+                eval_data = load_dataset(spec.evaluation.data, spec) if spec.evaluation else None
+            except FedtrainError as err:
+                self.store.set_job_state(job.id, "failed", f"cannot resume: {err}")
+                continue
+            # A job that stopped before its first checkpoint starts over (the starting model is seeded).
+            initial = None if self.store.model(job.id) is not None else initial_state(spec)
+            log.info("resuming job %s (%s)", job.id, job.name)
+            self._start(job.id, spec, eval_data, initial)
+
+    def _start(self, job_id: str, spec: JobSpec, eval_data: TensorDataset | None,
+               initial: dict[str, np.ndarray] | None) -> None:
+        runner = JobRunner(job_id, spec, self.store, self.mailbox, len(self.runners) + 1, eval_data, initial)
+        self.runners[job_id] = runner
+        runner.start()
+        self.mailbox.wake()
 
     def submit(self, spec_json: str) -> str:
         spec = job_spec_from_json(spec_json, source="submitted job spec")
@@ -66,10 +92,7 @@ class Coordinator:
         initial = initial_state(spec)
         eval_data = load_dataset(spec.evaluation.data, spec) if spec.evaluation else None
         job_id = self.store.create_job(spec.name, spec.canonical_json())
-        runner = JobRunner(job_id, spec, self.store, self.mailbox, len(self.runners) + 1, initial, eval_data)
-        self.runners[job_id] = runner
-        runner.start()
-        self.mailbox.wake()
+        self._start(job_id, spec, eval_data, initial)
         return job_id
 
     def stop(self) -> None:
@@ -103,14 +126,43 @@ def _limit(coord: Coordinator, key, who: str, context: grpc.ServicerContext) -> 
                       f"{who} sends more than {RATE_PER_SECOND:g} requests per second; slow down and retry")
 
 
+def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    log.warning("refused %s: %s", context.peer(), message)
+    context.abort(code, message)
+
+
+def _certificate(coord: Coordinator, context: grpc.ServicerContext, role: str):
+    """The caller's verified certificate, which must be a ``role`` certificate (None on a plaintext coordinator)."""
+    if coord.identity is None:
+        return None
+    cert = peer_certificate(context)
+    cert_role, name = role_and_name(cert)
+    if cert_role != role:
+        _refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                f"a {cert_role or 'role-less'} certificate ({name}) may not call the {role}s' service")
+    revoked = coord.store.revoked_at(fingerprint(cert))
+    if revoked is not None:
+        _refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate of {name} ({fingerprint(cert)[:23]}…) was revoked"
+                f" {time.strftime('%Y-%m-%d %H:%M', time.gmtime(revoked))} UTC")
+    return cert
+
+
 def _known_node(coord: Coordinator, node_id: int, context: grpc.ServicerContext) -> str:
     # Ids are SQLite integers; a larger uint64 from the wire names no node.
-    name = coord.store.node_name(node_id) if node_id < 2**63 else None
-    if name is None:
+    node = coord.store.node(node_id) if node_id < 2**63 else None
+    if node is None:
         _limit(coord, context.peer().rsplit(":", 1)[0], f"peer {context.peer()}", context)
         context.abort(grpc.StatusCode.NOT_FOUND, f"unknown node id {node_id}: call Register first")
-    _limit(coord, node_id, f"node {node_id} ({name})", context)
-    return name
+    cert = _certificate(coord, context, "node")
+    if cert is not None and fingerprint(cert) != node.fingerprint:
+        _refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                f"node id {node_id} is {node.name}, enrolled with another certificate than"
+                f" {role_and_name(cert)[1]}'s; call Register")
+    if node.revoked_at is not None:
+        _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"node {node.name} was revoked")
+    _limit(coord, node_id, f"node {node_id} ({node.name})", context)
+    return node.name
 
 
 class NodeServicer(pb_grpc.NodeServiceServicer):
@@ -127,7 +179,26 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         name = request.name
         if not (0 < len(name) <= 128 and name.replace("-", "").replace("_", "").replace(".", "").isalnum()):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node name {name!r} must be 1-128 of [A-Za-z0-9_.-]")
-        node_id = self.c.store.register_node(name)
+        cert = _certificate(self.c, context, "node")
+        if cert is None:
+            node_id = self.c.store.register_node(name)
+        else:
+            cert_name = role_and_name(cert)[1]
+            if name != cert_name:
+                _refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                        f"a node registering as {name!r} holds the certificate of {cert_name!r}")
+            fp = fingerprint(cert)
+            try:
+                if self.c.store.node_by_fingerprint(fp) is not None:
+                    node_id = self.c.store.register_node(name, fp)
+                elif not request.join_token:
+                    raise EnrollmentError(f"certificate {fp[:23]}… of {name} is not enrolled; start the node once"
+                                          " with the join token from `fedtrain coordinator token`")
+                else:
+                    node_id = self.c.store.enroll(request.join_token, name, fp, cert.not_valid_after_utc.timestamp())
+                    log.info("node %s enrolled with certificate %s", name, fp)
+            except EnrollmentError as err:
+                _refuse(context, grpc.StatusCode.PERMISSION_DENIED, str(err))
         log.info("node %s registered as %d", name, node_id)
         return pb.RegisterReply(node_id=node_id)
 
@@ -217,25 +288,31 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
+    """The operators' service; over mutual TLS each method first checks for an operator certificate."""
+
     def __init__(self, coord: Coordinator):
         self.c = coord
 
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.SubmitJobReply:
+        _certificate(self.c, context, "operator")
         try:
             return pb.SubmitJobReply(job_id=self.c.submit(request.spec_json))
         except (FedtrainError, ValueError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobStatus:
+        _certificate(self.c, context, "operator")
         status = self.c.job_status(request.job_id)
         if status is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}; `fedtrain job status` lists jobs")
         return status
 
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsReply:
+        _certificate(self.c, context, "operator")
         return pb.ListJobsReply(jobs=[self.c.job_status(j.id) for j in self.c.store.jobs()])
 
     def FetchModel(self, request: pb.GetJobRequest, context: grpc.ServicerContext):
+        _certificate(self.c, context, "operator")
         if self.c.store.job(request.job_id) is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
         checkpoint = self.c.store.model(request.job_id, request.round or None)
@@ -246,9 +323,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
         yield from encode_arrays(checkpoint[1])
 
 
-def serve(state_dir: Path, host: str = "127.0.0.1", port: int = 0, workers: int = 32) -> tuple[grpc.Server, int, Coordinator]:
-    """Start the coordinator; returns the server, the bound port and the shared state."""
-    coord = Coordinator(state_dir)
+def serve(state_dir: Path, host: str = "127.0.0.1", port: int = 0, workers: int = 32,
+          identity: Identity | None = None) -> tuple[grpc.Server, int, Coordinator]:
+    """Start the coordinator; returns the server, the bound port and the shared state.
+
+    With ``identity`` it serves mutual TLS only; without, plaintext (``--insecure``).
+    """
+    coord = Coordinator(state_dir, identity)
     # Each connected node holds one worker during its long poll: size the pool for the consortium.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
     pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(coord), server)
@@ -259,7 +340,11 @@ def serve(state_dir: Path, host: str = "127.0.0.1", port: int = 0, workers: int 
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if identity is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, identity.server_credentials())
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()

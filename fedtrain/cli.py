@@ -21,14 +21,68 @@ from fedtrain.errors import FedtrainError
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import decode_values
 from fedtrain.spec import job_spec_from_json
+from fedtrain.tls import ROLES, Identity, TLSError, init_ca, issue, load_identity
 
 app = typer.Typer(help="fedtrain: federated training with DP-SGD on data that never leaves its owner.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 job_app = typer.Typer(help="Submit and follow jobs on a coordinator.", no_args_is_help=True)
 app.add_typer(job_app, name="job")
+certs_app = typer.Typer(help="The consortium's CA and the certificates of mutual TLS.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
 
 COORDINATOR = typer.Option("127.0.0.1:7443", "--coordinator", "-c", help="HOST:PORT of the coordinator.")
+TLS_DIR = typer.Option(None, "--tls-dir", envvar="FEDTRAIN_TLS_DIR",
+                       help="Directory with ca.pem, cert.pem and key.pem (from `fedtrain certs issue`).")
+INSECURE = typer.Option(False, "--insecure", help="Plaintext gRPC with no authentication: tests on one machine only.")
 DONE_STATES = ("finished", "failed")
+
+
+def identity_option(tls_dir: Path | None, insecure: bool, role: str) -> Identity | None:
+    """The TLS identity a command connects or serves with; plaintext only when asked for by name."""
+    if insecure:
+        if tls_dir is not None:
+            raise TLSError("give --tls-dir or --insecure, not both")
+        console.print("[bold yellow]warning:[/bold yellow] --insecure: plaintext gRPC; nothing is encrypted and"
+                      " nobody is authenticated. Use it for tests on one machine only.", highlight=False)
+        return None
+    if tls_dir is None:
+        raise TLSError(f"mutual TLS needs --tls-dir DIR holding this {role}'s certificate (`fedtrain certs issue"
+                       f" --{role} NAME`), or FEDTRAIN_TLS_DIR; --insecure runs plaintext")
+    return load_identity(tls_dir, role)
+
+
+def _client(coordinator: str, tls_dir: Path | None, insecure: bool) -> CoordinatorClient:
+    return CoordinatorClient(coordinator, identity_option(tls_dir, insecure, "operator"))
+
+
+@certs_app.command("init")
+def certs_init(ca_dir: Path = typer.Option(..., "--ca-dir", help="Directory for ca.pem and ca.key (the CA's key)."),
+               name: str = typer.Option("fedtrain consortium CA", help="The CA's common name."),
+               days: int = typer.Option(3650, help="Validity in days.")) -> None:
+    """Create the consortium's certificate authority. Keep ca.key offline; share ca.pem."""
+    cert = init_ca(ca_dir, name, days)
+    console.print(f"CA written: {cert} (and {ca_dir / 'ca.key'}, readable by you only)")
+
+
+@certs_app.command("issue")
+def certs_issue(
+    ca_dir: Path = typer.Option(..., "--ca-dir", help="The CA directory of `fedtrain certs init`."),
+    out: Path = typer.Option(..., "--out", help="Directory to write ca.pem, cert.pem and key.pem to."),
+    node: str = typer.Option(None, "--node", metavar="NAME", help="Issue a node certificate."),
+    coordinator: str = typer.Option(None, "--coordinator", metavar="NAME", help="Issue the coordinator's certificate."),
+    operator: str = typer.Option(None, "--operator", metavar="NAME", help="Issue an operator's (job CLI) certificate."),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host",
+                                   help="With --coordinator: a DNS name or IP address nodes dial (repeatable)."),
+    days: int = typer.Option(365, help="Validity in days."),
+) -> None:
+    """Issue a certificate for exactly one of --node, --coordinator or --operator."""
+    chosen = [(role, name) for role, name in zip(ROLES, (coordinator, node, operator)) if name]
+    if len(chosen) != 1:
+        raise typer.BadParameter("give exactly one of --node, --coordinator or --operator")
+    (role, name), = chosen
+    identity = issue(ca_dir, role, name, out, days=days, hosts=tuple(host))
+    console.print(f"{role} certificate for {name} in {out}: fingerprint {identity.fingerprint},"
+                  f" valid until {identity.not_after:%Y-%m-%d} UTC")
 
 
 def status_table(status: pb.JobStatus) -> Table:
@@ -66,9 +120,11 @@ def job_submit(
     spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="The job spec (YAML)."),
     coordinator: str = COORDINATOR,
     wait: bool = typer.Option(False, help="Follow the job until it finishes."),
+    tls_dir: Path = TLS_DIR,
+    insecure: bool = INSECURE,
 ) -> None:
     """Validate a job spec and submit it; prints the job id."""
-    with CoordinatorClient(coordinator) as client:
+    with _client(coordinator, tls_dir, insecure) as client:
         job_id = client.submit(spec)
         console.print(job_id)
         if wait:
@@ -81,9 +137,11 @@ def job_submit(
 def job_status(
     job_id: str = typer.Argument(None, help="A job id; without it, every job is listed."),
     coordinator: str = COORDINATOR,
+    tls_dir: Path = TLS_DIR,
+    insecure: bool = INSECURE,
 ) -> None:
     """Show a job's rounds, accuracy, per-node epsilon and any refusals (or list all jobs)."""
-    with CoordinatorClient(coordinator) as client:
+    with _client(coordinator, tls_dir, insecure) as client:
         if job_id is None:
             table = Table(title="jobs")
             for col in ("job", "name", "state", "rounds", "error"):
@@ -116,6 +174,8 @@ def job_export(
     merged: bool = typer.Option(False, "--merged", help="Also write the merged full model to OUT/merged."),
     round: int = ROUND,
     coordinator: str = COORDINATOR,
+    tls_dir: Path = TLS_DIR,
+    insecure: bool = INSECURE,
 ) -> None:
     """Write a job's model: a peft adapter directory (PeftModel.from_pretrained loads it) or,
     for tabular jobs, safetensors; each with a model card (base hash, rounds, each node's ε and δ).
@@ -124,7 +184,7 @@ def job_export(
     """
     from fedtrain.export import export_model
 
-    with CoordinatorClient(coordinator) as client:
+    with _client(coordinator, tls_dir, insecure) as client:
         status, round, arrays = _checkpoint(client, job_id, round)
     for path in export_model(status, arrays, round, out, merged=merged):
         console.print(f"wrote {path} (after round {round})")
@@ -137,11 +197,13 @@ def job_eval(
     round: int = ROUND,
     coordinator: str = COORDINATOR,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    tls_dir: Path = TLS_DIR,
+    insecure: bool = INSECURE,
 ) -> None:
     """Evaluate a job's global model on a held-out file on this machine."""
     from fedtrain.models import build_model, evaluate, load_dataset, load_trainable_state
 
-    with CoordinatorClient(coordinator) as client:
+    with _client(coordinator, tls_dir, insecure) as client:
         status, round, arrays = _checkpoint(client, job_id, round)
     spec = job_spec_from_json(status.spec_json)
     model = build_model(spec)

@@ -13,6 +13,7 @@ from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import GRPC_OPTIONS, decode_arrays
 from fedtrain.spec import JobSpec, load_job_spec
+from fedtrain.tls import Identity, channel
 
 
 class CoordinatorError(FedtrainError):
@@ -20,10 +21,12 @@ class CoordinatorError(FedtrainError):
 
 
 class CoordinatorClient:
-    def __init__(self, address: str, timeout: float = 30.0):
+    def __init__(self, address: str, identity: Identity | None = None, timeout: float = 30.0):
+        """``identity``: an operator's certificate for a coordinator that speaks mutual TLS."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.tls = identity is not None
+        self._channel = channel(address, identity, GRPC_OPTIONS)
         self._jobs = pb_grpc.JobServiceStub(self._channel)
 
     def close(self) -> None:
@@ -41,8 +44,10 @@ class CoordinatorClient:
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 raise CoordinatorError(
-                    f"no coordinator answers at {self.address}; start one with `fedtrain coordinator start`"
-                    " or pass --coordinator HOST:PORT"
+                    f"no coordinator answers at {self.address} ({err.details()}); start one with `fedtrain"
+                    " coordinator start` or pass --coordinator HOST:PORT"
+                    + ("; over TLS, check that the coordinator trusts this certificate's CA and that it has"
+                       " not expired" if self.tls else "; a coordinator that speaks TLS needs --tls-dir")
                 ) from None
             raise CoordinatorError(f"{err.code().name}: {err.details()}") from None
 

@@ -124,7 +124,8 @@ def run_local_job(out: Path, spec: JobSpec, shards: dict[str, Path], policy: dic
     shutil.rmtree(out / "run", ignore_errors=True)
     with LocalConsortium(out / "run") as consortium:
         address = consortium.start_coordinator()
-        console.print(f"coordinator on {address}; starting {len(shards)} nodes")
+        console.print(f"coordinator on {address} (mutual TLS); enrolling and starting {len(shards)} nodes")
+        consortium.enroll(list(shards))
         for name, shard in shards.items():
             consortium.start_node(name, shard, policy_path)
         with consortium.client() as client:

@@ -1,7 +1,8 @@
 """Start a coordinator and nodes as real processes on 127.0.0.1, and stop them again.
 
 For the demo, notebooks and tests: the processes are the same `fedtrain` commands a
-deployment runs, only on one machine.
+deployment runs, only on one machine, with mutual TLS as in a deployment: a CA, a
+certificate per party and a join token per node.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedtrain import tls
 from fedtrain.client import CoordinatorClient
 from fedtrain.errors import FedtrainError
 
@@ -20,13 +22,25 @@ from fedtrain.errors import FedtrainError
 class LocalConsortium:
     """Context manager owning every process it starts; all are stopped on exit."""
 
-    def __init__(self, root: Path, poll_seconds: float = 2.0):
+    def __init__(self, root: Path, poll_seconds: float = 2.0, secure: bool = True):
+        """``secure=False`` runs everything with --insecure (plaintext, no identities)."""
         self.root = Path(root)
         self.logs = self.root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.poll_seconds = poll_seconds
+        self.secure = secure
+        self.pki = self.root / "pki"
+        self.tokens: dict[str, str] = {}
         self.address = ""
         self.processes: dict[str, subprocess.Popen] = {}
+        if secure and not (self.pki / "ca" / tls.CA_KEY).exists():
+            tls.init_ca(self.pki / "ca", "local consortium CA")
+            tls.issue(self.pki / "ca", "coordinator", "coordinator", self.pki / "coordinator")
+            tls.issue(self.pki / "ca", "operator", "operator", self.pki / "operator")
+
+    def security_args(self, party: str) -> list[str]:
+        """The CLI options a command of ``party`` (coordinator, operator) runs with here."""
+        return ["--tls-dir", str(self.pki / party)] if self.secure else ["--insecure"]
 
     def __enter__(self) -> LocalConsortium:
         return self
@@ -43,11 +57,13 @@ class LocalConsortium:
         self.processes[key] = proc
         return proc
 
-    def start_coordinator(self, timeout: float = 60.0) -> str:
+    def start_coordinator(self, timeout: float = 60.0, port: int = 0, env: dict[str, str] | None = None) -> str:
+        """Start (or restart, on the same state and ``port``) the coordinator; returns its address."""
         state = self.root / "coordinator"
         addr_file = state / "coordinator.addr"
         addr_file.unlink(missing_ok=True)
-        proc = self._spawn("coordinator", ["coordinator", "start", "--state-dir", str(state), "--port", "0"])
+        proc = self._spawn("coordinator", ["coordinator", "start", "--state-dir", str(state), "--port", str(port),
+                                           *self.security_args("coordinator")], env)
         deadline = time.monotonic() + timeout
         while not addr_file.exists():
             if proc.poll() is not None:
@@ -56,7 +72,7 @@ class LocalConsortium:
                 raise FedtrainError(f"the coordinator did not start within {timeout:.0f}s")
             time.sleep(0.1)
         self.address = addr_file.read_text().strip()
-        with CoordinatorClient(self.address) as client:
+        with self.client() as client:
             while not client.healthy():
                 if time.monotonic() > deadline:
                     raise FedtrainError(f"the coordinator at {self.address} is not healthy")
@@ -66,16 +82,36 @@ class LocalConsortium:
     def node_state(self, name: str) -> Path:
         return self.root / "nodes" / name
 
+    def enroll(self, names: list[str]) -> None:
+        """Issue node certificates and one-time join tokens (as a consortium's operator would),
+        all tokens with one `fedtrain coordinator token` call."""
+        names = [n for n in names if n not in self.tokens]
+        if not self.secure or not names:
+            return
+        for name in names:
+            if not (self.pki / "nodes" / name / tls.CERT).exists():
+                tls.issue(self.pki / "ca", "node", name, self.pki / "nodes" / name)
+        out = subprocess.run(
+            [sys.executable, "-m", "fedtrain", "coordinator", "token", *names,
+             "--state-dir", str(self.root / "coordinator")], capture_output=True, text=True, check=True,
+        ).stdout
+        self.tokens.update(line.split() for line in out.splitlines() if line.strip())
+
     def start_node(self, name: str, data: Path, policy: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         if not self.address:
             raise FedtrainError("start the coordinator before the nodes")
+        security = ["--insecure", "--name", name]
+        if self.secure:
+            self.enroll([name])
+            security = ["--tls-dir", str(self.pki / "nodes" / name), "--join-token", self.tokens[name]]
         return self._spawn(f"node-{name}", [
             "node", "start", "--coordinator", self.address, "--data", str(data), "--policy", str(policy),
-            "--state-dir", str(self.node_state(name)), "--name", name, "--poll-seconds", str(self.poll_seconds),
+            "--state-dir", str(self.node_state(name)), "--poll-seconds", str(self.poll_seconds), *security,
         ], env)
 
     def client(self) -> CoordinatorClient:
-        return CoordinatorClient(self.address)
+        identity = tls.load_identity(self.pki / "operator", "operator") if self.secure else None
+        return CoordinatorClient(self.address, identity)
 
     def stop_process(self, key: str, timeout: float = 10.0) -> None:
         proc = self.processes.pop(key, None)
@@ -87,6 +123,12 @@ class LocalConsortium:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+    def kill(self, key: str) -> None:
+        """SIGKILL a process (and its children): a crash, with no chance to clean up."""
+        proc = self.processes.pop(key)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def stop(self) -> None:
         # Nodes first, so that none of them logs a lost coordinator on the way out.

@@ -205,6 +205,10 @@ class JobSpec(_Strict):
     # Seconds the coordinator waits for a round's results before going on without
     # the nodes that have not answered.
     round_timeout: PositiveFloat = 600.0
+    # Times a round with fewer than min_nodes results is run again before it is given up
+    # (the global model then stays as it was). Nodes that already sent the round send the
+    # same update again: a retry costs them no budget.
+    round_retries: int = Field(1, ge=0, le=10)
 
     @model_validator(mode="before")
     @classmethod

@@ -31,11 +31,12 @@ from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import (
     GRPC_OPTIONS, PROTOCOL_VERSION, TensorInfo, decode_arrays, decode_values, encode_arrays, encode_values, manifest_of,
-    payload_digest,
+    model_digest, payload_digest,
 )
 from fedtrain.secagg.encoding import MASKED_TENSOR, clip_range, encode, node_weight
 from fedtrain.secagg.node import SecAggNode
 from fedtrain.spec import JobSpec, job_spec_from_json
+from fedtrain.tls import Identity, channel
 from nodes.jobs import JobBook
 
 log = logging.getLogger("fedtrain.node")
@@ -72,7 +73,10 @@ class StatePaths:
 
 class NodeAgent:
     def __init__(self, *, coordinator: str, data: Path, policy: NodePolicy, state_dir: Path, name: str,
-                 poll_seconds: float = 10.0, failpoint: str = ""):
+                 poll_seconds: float = 10.0, failpoint: str = "", identity: Identity | None = None,
+                 join_token: str = ""):
+        """``identity``: the node's certificate for mutual TLS (None: plaintext); ``join_token``
+        enrolls it at the first Register."""
         state_dir.mkdir(parents=True, exist_ok=True)
         paths = StatePaths(state_dir)
         self.coordinator = coordinator
@@ -90,7 +94,8 @@ class NodeAgent:
         # its secrets and the coordinator treats the node as dropped.
         self._secagg: dict[tuple[str, int], SecAggNode] = {}
         self._sizes: dict[tuple[str, int, int], int] = {}
-        self._channel = grpc.insecure_channel(coordinator, options=GRPC_OPTIONS)
+        self.join_token = join_token
+        self._channel = channel(coordinator, identity, GRPC_OPTIONS)
         self._stub = pb_grpc.NodeServiceStub(self._channel)
 
     def close(self) -> None:
@@ -127,6 +132,8 @@ class NodeAgent:
                 if err.code() == grpc.StatusCode.NOT_FOUND and "Register" in (err.details() or ""):
                     self._register(stop)  # the coordinator lost us, e.g. a new state dir
                     continue
+                if err.code() == grpc.StatusCode.PERMISSION_DENIED:  # e.g. revoked: retrying cannot help
+                    raise FedtrainError(f"the coordinator refused this node: {err.details()}") from None
                 log.warning("coordinator unreachable (%s: %s); retrying", err.code().name, err.details())
                 stop.wait(2.0)
 
@@ -135,14 +142,17 @@ class NodeAgent:
         while not stop.is_set():
             try:
                 reply = self._send("Register", self._stub.Register,
-                                   pb.RegisterRequest(name=self.name, protocol_version=PROTOCOL_VERSION))
+                                   pb.RegisterRequest(name=self.name, protocol_version=PROTOCOL_VERSION,
+                                                      join_token=self.join_token))
                 self.node_id = reply.node_id
                 log.info("registered with %s as node %d", self.coordinator, self.node_id)
                 return
             except grpc.RpcError as err:
-                if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                                  grpc.StatusCode.PERMISSION_DENIED):
                     raise FedtrainError(f"the coordinator refused registration: {err.details()}") from None
-                log.info("waiting for coordinator at %s (%s)", self.coordinator, err.code().name)
+                # A refused TLS handshake looks like an absent coordinator; the details say which.
+                log.info("waiting for coordinator at %s (%s: %s)", self.coordinator, err.code().name, err.details())
                 stop.wait(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -209,7 +219,9 @@ class NodeAgent:
                     f" a task {'without' if spec.secagg else 'with'} it is refused")
         if not 1 <= task.round <= spec.training.rounds:
             return f"round {task.round} is outside the accepted job's {spec.training.rounds} rounds"
-        if stage != "unmask" and self.ledger.row(task.job_id, task.round) is not None:
+        if stage not in (None, "unmask") and self.ledger.row(task.job_id, task.round) is not None:
+            # A masked update is never masked again: two maskings under different dropout sets
+            # could reveal it. (A plain round run again gets the same release: see _release_again.)
             return f"round {task.round} of job {task.job_id} was already released; it is never trained twice"
         return ""
 
@@ -228,6 +240,8 @@ class NodeAgent:
         stage = task.secagg.WhichOneof("stage")
         if stage in ("setup", "share_keys", "unmask"):
             return self._on_secagg_stage(task, spec, stage)
+        if stage is None and self.ledger.row(task.job_id, task.round) is not None:
+            return self._release_again(task, spec)
         try:
             plan = plan_round(spec, self._examples(spec))
             quote = self.ledger.quote([plan])
@@ -240,7 +254,8 @@ class NodeAgent:
                 # Shares are checked before training, so a bad one costs no budget.
                 secagg.receive_shares(task.secagg.collect)
                 self._reach("secagg-before-masked")
-            bundle = self._train(task, spec, plan, secagg)
+            start = self._fetch(task, spec)
+            bundle = self._train(task, spec, plan, secagg, start)
         except (FedtrainError, ValueError) as err:
             # Nothing was charged or sent: the round goes on without this node.
             return self._refuse(task, f"training failed: {err}")
@@ -248,7 +263,7 @@ class NodeAgent:
             # Re-checked atomically with the write: the pre-check above may be stale.
             row = self.ledger.charge(job_id=task.job_id, round=task.round, plan=plan,
                                      job_delta=spec.privacy.delta, task_id=task.task_id,
-                                     payload=bundle.SerializeToString())
+                                     payload=bundle.SerializeToString(), basis=model_digest(start))
         except BudgetExceeded as err:
             return self._refuse(task, str(err))
         self._reach("after-ledger-commit")
@@ -297,13 +312,33 @@ class NodeAgent:
                    job_id=task.job_id, round=task.round, detail=detail,
                    payload_sha256=hashlib.sha256(reply.SerializeToString()).hexdigest())
 
-    def _train(self, task: pb.TaskHeader, spec: JobSpec, plan: RoundPlan,
-               secagg: SecAggNode | None) -> pb.ResultBundle:
-        expected = expected_manifest(spec)
+    def _fetch(self, task: pb.TaskHeader, spec: JobSpec) -> dict[str, np.ndarray]:
+        """The task's global model: exactly the job's trainable tensors."""
         chunks = self._send("FetchArrays", self._stub.FetchArrays,
                             pb.FetchRequest(node_id=self.node_id, task_id=task.task_id),
                             job_id=task.job_id, round=task.round)
-        arrays = decode_arrays(chunks, expected=expected)
+        return decode_arrays(chunks, expected=expected_manifest(spec))
+
+    def _release_again(self, task: pb.TaskHeader, spec: JobSpec) -> None:
+        """Answer a round charged before (the coordinator restarted, or retries the round) with
+        the same release: no new training, no new spend. Only for the same global model: an
+        update trained from another one would be a second release of the round."""
+        row, basis, payload = self.ledger.release(task.job_id, task.round)
+        try:
+            start = self._fetch(task, spec)
+        except (FedtrainError, ValueError) as err:
+            return self._refuse(task, f"cannot fetch the global model: {err}")
+        if payload is None or basis != model_digest(start):
+            return self._refuse(task, f"round {task.round} of job {task.job_id} was already released from"
+                                      " another global model; it is never trained twice")
+        log.info("job %s round %d: sending the update charged before (no new spend)", task.job_id, task.round)
+        bundle = pb.ResultBundle.FromString(payload)
+        bundle.header.task_id = task.task_id
+        self._deliver(row, bundle)
+
+    def _train(self, task: pb.TaskHeader, spec: JobSpec, plan: RoundPlan,
+               secagg: SecAggNode | None, arrays: dict[str, np.ndarray]) -> pb.ResultBundle:
+        expected = expected_manifest(spec)
         message = Message(
             content=RecordDict({"arrays": numpy_to_arrays(arrays),
                                 "config": ConfigRecord(decode_values(task.config))}),

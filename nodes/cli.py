@@ -17,6 +17,7 @@ from rich.table import Table
 
 from fedtrain import approval
 from fedtrain.audit import AuditLog
+from fedtrain.cli import INSECURE, TLS_DIR, identity_option
 from fedtrain.console import console
 from fedtrain.errors import FedtrainError
 from fedtrain.policy import Decision, load_policy
@@ -35,17 +36,29 @@ def start(
     data: Path = typer.Option(..., exists=True, dir_okay=False, help="The local CSV table; it never leaves this machine."),
     policy: Path = typer.Option(..., exists=True, dir_okay=False, help="The owner's privacy policy (YAML)."),
     state_dir: Path = STATE_DIR,
-    name: str = typer.Option(socket.gethostname(), help="Stable name this node registers under."),
+    name: str = typer.Option(None, help="Name to register under: the certificate's, or with --insecure the host name."),
     poll_seconds: float = typer.Option(10.0, help="Long-poll wait per request to the coordinator."),
+    tls_dir: Path = TLS_DIR,
+    insecure: bool = INSECURE,
+    join_token: str = typer.Option("", envvar="FEDTRAIN_JOIN_TOKEN",
+                                   help="One-time token from `fedtrain coordinator token`; needed at the first start."),
 ) -> None:
-    """Start the node agent and serve until SIGINT/SIGTERM."""
+    """Start the node agent and serve until SIGINT/SIGTERM.
+
+    It connects with mutual TLS using the node certificate in --tls-dir.
+    """
+    identity = identity_option(tls_dir, insecure, "node")
+    if identity is not None and name not in (None, identity.name):
+        raise typer.BadParameter(f"the certificate in {tls_dir} is {identity.name!r}'s", param_hint="--name")
+    name = identity.name if identity else name or socket.gethostname()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s node:{name} %(levelname)s %(message)s", force=True)
     owner_policy = load_policy(policy)
     state_dir.mkdir(parents=True, exist_ok=True)
     # The owner's CLI reads the policy in force from the state dir.
     shutil.copyfile(policy, state_dir / POLICY_COPY)
     agent = NodeAgent(coordinator=coordinator, data=data, policy=owner_policy, state_dir=state_dir, name=name,
-                      poll_seconds=poll_seconds, failpoint=os.environ.get(FAILPOINT_ENV, ""))
+                      poll_seconds=poll_seconds, failpoint=os.environ.get(FAILPOINT_ENV, ""), identity=identity,
+                      join_token=join_token)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

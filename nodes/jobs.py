@@ -5,13 +5,13 @@ The agent and the owner's CLI (`fedtrain node approve`) share this file.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedtrain.policy import Decision
 from fedtrain.spec import JobSpec, job_spec_from_json
+from fedtrain.storage import open_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,11 +42,8 @@ class JobRecord:
 
 class JobBook:
     def __init__(self, path: str | Path):
-        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        if "signature" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
-            self._db.execute("ALTER TABLE jobs ADD COLUMN signature BLOB")  # a job book from before approvals
+        # A job book from before approvals gains their column.
+        self._db = open_db(path, _SCHEMA, (("jobs", "signature", "BLOB"),))
 
     def close(self) -> None:
         self._db.close()

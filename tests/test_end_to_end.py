@@ -72,10 +72,12 @@ def test_cli_job_and_a_refusal_for_budget_reach_the_operator(tmp_path, shards):
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
         address = c.start_coordinator()
+        c.enroll(["n0", "n1"])
         for i in range(2):
             c.start_node(f"n{i}", paths[i], policy)
-        job_id = cli("job", "submit", str(spec_file), "--coordinator", address, "--wait").stdout.strip().splitlines()[0]
-        status_out = cli("job", "status", job_id, "--coordinator", address).stdout
+        ops = ["--coordinator", address, *c.security_args("operator")]
+        job_id = cli("job", "submit", str(spec_file), *ops, "--wait").stdout.strip().splitlines()[0]
+        status_out = cli("job", "status", job_id, *ops).stdout
         assert "finished" in status_out and "n0=" in status_out
 
         # The first job spent ~0.99 of 1.2; both jobs together would compose to ~1.38.
@@ -84,7 +86,7 @@ def test_cli_job_and_a_refusal_for_budget_reach_the_operator(tmp_path, shards):
             status = wait_for(client, second, lambda s: sum(n.decision == "refused" for n in s.nodes) == 2)
         for node in status.nodes:
             assert "privacy budget exceeded" in node.reason and "remaining 0.2" in node.reason
-        assert "privacy budget exceeded" in cli("job", "status", second, "--coordinator", address).stdout
+        assert "privacy budget exceeded" in cli("job", "status", second, *ops).stdout
 
     for i in range(2):
         state = c.node_state(f"n{i}")
@@ -121,6 +123,7 @@ def test_owner_approval_gates_a_fedadam_job(tmp_path, shards):
             status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"))
     assert status.state == "finished", status.error
     assert [r.round for r in status.rounds] == [0, 1, 2]
+    assert status.error == ""  # every round aggregated: FedAdam's step keeps the model's dtypes
 
 
 def test_a_crash_between_ledger_commit_and_send_loses_no_spend(tmp_path, shards):
@@ -157,6 +160,7 @@ def test_losing_one_of_three_nodes_mid_round_keeps_the_job_going_and_charges_onc
     spec = make_spec(min_nodes=2, round_timeout=8)
     with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
         c.start_coordinator()
+        c.enroll(["n0", "n1", "n2"])
         for i in range(2):
             c.start_node(f"n{i}", paths[i], policy)
         lost = c.start_node("n2", paths[2], policy, env={"FEDTRAIN_FAILPOINT": "after-ledger-commit"})
@@ -176,3 +180,55 @@ def test_losing_one_of_three_nodes_mid_round_keeps_the_job_going_and_charges_onc
         # Each round charged exactly once; n2's round-1 update was charged, then refused as late.
         assert [(r.round, r.sent) for r in ledger.rows(job_id)] == [(1, True), (2, True)], f"n{i}"
         ledger.close()
+
+
+def test_a_killed_coordinator_resumes_the_job_where_it_stopped(tmp_path, shards):
+    paths, test = shards
+    policy = write_policy(tmp_path / "policy.yaml", max_epsilon=5.0)
+    names = ["n0", "n1", "n2"]
+    # FedAdam carries state (its moments) from round to round; plain aggregation, so that a
+    # round run again can be answered with the same, already charged, updates.
+    spec = make_spec(min_nodes=3, secure_aggregation=False, training={"rounds": 3},
+                     strategy={"name": "fedadam", "params": {"eta": 0.05}}, evaluation={"data": str(test)})
+    with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
+        address = c.start_coordinator(env={"FEDTRAIN_COORDINATOR_HOLD": "before-checkpoint:2"})
+        c.enroll(names)
+        for name, path in zip(names, paths):
+            c.start_node(name, path, policy)
+        with c.client() as client:
+            job_id = client.submit(spec)
+            wait_for(client, job_id, lambda s: len(s.rounds) == 2)
+            after_round_1 = client.model(job_id, 1)
+
+        def charged(name):
+            ledger = PrivacyLedger(c.node_state(name) / "ledger.db", max_epsilon=5.0, delta=1e-5)
+            try:
+                return [(r.round, r.sent) for r in ledger.rows(job_id)]
+            finally:
+                ledger.close()
+
+        # Every node has sent round 2 and the coordinator holds before checkpointing it: crash it there.
+        deadline = time.monotonic() + 120
+        while any(charged(n) != [(1, True), (2, True)] for n in names):
+            assert time.monotonic() < deadline, [charged(n) for n in names]
+            time.sleep(0.2)
+        time.sleep(0.5)  # the last upload reaches the coordinator's mailbox
+        c.kill("coordinator")
+        c.start_coordinator(port=int(address.rsplit(":", 1)[1]))  # same state dir, same address
+        with c.client() as client:
+            status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"))
+            assert status.state == "finished", status.error
+            assert [r.round for r in status.rounds] == [0, 1, 2, 3]
+            resumed = client.model(job_id, 1)
+    for k in after_round_1:
+        assert (resumed[k] == after_round_1[k]).all()  # the checkpoint survived the crash as it was
+    log = (c.logs / "coordinator.log").read_text()
+    assert f"job {job_id} resumes after round 1" in log
+    for r in (1, 2, 3):  # no round was checkpointed twice
+        assert log.count(f"job {job_id} round {r} done") == 1
+    for name in names:
+        # Round 2 was run again after the restart; each node answered with the update it had
+        # already charged: every round is charged exactly once.
+        assert charged(name) == [(1, True), (2, True), (3, True)], name
+        node_log = (c.logs / f"node-{name}.log").read_text()
+        assert node_log.count("round 2: sending the update charged before (no new spend)") == 1

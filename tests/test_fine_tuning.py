@@ -29,6 +29,7 @@ def test_three_nodes_fine_tune_a_tiny_llm_and_only_the_adapter_leaves(tmp_path, 
     out = tmp_path / "adapter"
     with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
         address = c.start_coordinator()
+        c.enroll([f"n{i}" for i in range(len(shards))])
         for i, shard in enumerate(shards):
             c.start_node(f"n{i}", shard, policy)
         with c.client() as client:
@@ -36,7 +37,8 @@ def test_three_nodes_fine_tune_a_tiny_llm_and_only_the_adapter_leaves(tmp_path, 
             status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"), timeout=240)
             assert status.state == "finished", status.error
             arrays = client.model(job_id)
-        cli("job", "export", job_id, "--out", str(out), "--merged", "--coordinator", address)
+        cli("job", "export", job_id, "--out", str(out), "--merged", "--coordinator", address,
+            *c.security_args("operator"))
 
     losses = [r.metrics["loss"] for r in status.rounds]
     assert [r.round for r in status.rounds] == [0, 1, 2]
@@ -101,6 +103,7 @@ def test_minilm_sentiment_classification_on_a_slice_of_real_tweets(tmp_path):
     policy = write_policy(tmp_path / "policy.yaml", max_epsilon=10.0)
     with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
         address = c.start_coordinator()
+        c.enroll(list(NODES))
         for name, shard in zip(NODES, shards):
             c.start_node(name, shard, policy)
         with c.client() as client:
@@ -108,7 +111,7 @@ def test_minilm_sentiment_classification_on_a_slice_of_real_tweets(tmp_path):
             status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"), timeout=240)
         assert status.state == "finished", status.error
         evaluated = json.loads(cli("job", "eval", job_id, "--data", str(test), "--round", "1", "--json",
-                                   "--coordinator", address).stdout)
+                                   "--coordinator", address, *c.security_args("operator")).stdout)
     # The operator's evaluation of the fetched adapter is the coordinator's own, on the same file.
     assert evaluated["round"] == 1
     assert evaluated["accuracy"] == pytest.approx(status.rounds[1].metrics["accuracy"])

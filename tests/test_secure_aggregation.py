@@ -18,10 +18,10 @@ from test_end_to_end import wait_for
 pytestmark = pytest.mark.slow
 
 
-def secure_spec(n, min_nodes=None, rounds=1):
+def secure_spec(n, min_nodes=None, rounds=1, retries=1):
     # A node that drops out while it trains costs the round its whole timeout: keep it short.
     return make_spec(min_nodes=min_nodes or n, secure_aggregation={"stage_timeout": 4.0}, round_timeout=15,
-                     training={"rounds": rounds, "batch_size": 32, "learning_rate": 0.5})
+                     training={"rounds": rounds, "batch_size": 32, "learning_rate": 0.5}, round_retries=retries)
 
 
 def check_aggregate(client, job_id, spec, contributors, round=1):
@@ -84,7 +84,7 @@ def test_a_round_survives_one_dropout_before_the_masked_update_and_one_after(con
 def test_past_the_threshold_the_round_fails_keeps_the_model_and_the_job_goes_on(consortium):
     start, client = consortium
     nodes = start(5, failpoints=["secagg-before-masked"] * 3)
-    spec = secure_spec(5, min_nodes=3, rounds=2)
+    spec = secure_spec(5, min_nodes=3, rounds=2, retries=0)
     job_id = client.submit(spec)
     wait_for(client, job_id, lambda s: len(s.rounds) >= 2, timeout=180)
     for node in nodes[:3]:  # the three come back, having lost the round's secrets

@@ -3,18 +3,20 @@
 One row per released round. A row is written, together with the DP-protected
 payload it pays for, in one transaction *before* the payload is sent: a crash
 after the commit loses no spend, and on restart the node re-sends the stored
-payload instead of training (and spending) again.
+payload instead of training (and spending) again. The payload of a job's latest
+round stays after delivery, so that a round the coordinator runs again (after its
+own restart, or a retry) gets the same release, not a second one.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedtrain.errors import BudgetExceeded
 from fedtrain.privacy.accounting import RoundPlan, epsilon
+from fedtrain.storage import open_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -29,8 +31,9 @@ CREATE TABLE IF NOT EXISTS ledger (
     job_epsilon REAL NOT NULL,    -- the job's epsilon so far (at the job's delta)
     created_at REAL NOT NULL,
     task_id TEXT NOT NULL,
-    payload BLOB,                 -- the update awaiting delivery; NULL once delivered
+    payload BLOB,                 -- the update; NULL once a later round of the job is charged
     sent_at REAL,
+    basis TEXT,                   -- sha256 of the global model the update was trained from
     UNIQUE (job_id, round)
 );
 """
@@ -83,11 +86,8 @@ class PrivacyLedger:
         self.path = Path(path)
         self.max_epsilon = max_epsilon
         self.delta = delta
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed spend must survive power loss, not just a process crash.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        # A committed spend must survive power loss, not just a process crash.
+        self._db = open_db(self.path, _SCHEMA, (("ledger", "basis", "TEXT"),), full_sync=True)
 
     def close(self) -> None:
         self._db.close()
@@ -113,9 +113,12 @@ class PrivacyLedger:
         )
 
     def charge(
-        self, *, job_id: str, round: int, plan: RoundPlan, job_delta: float, task_id: str, payload: bytes
+        self, *, job_id: str, round: int, plan: RoundPlan, job_delta: float, task_id: str, payload: bytes,
+        basis: str = "",
     ) -> LedgerRow:
-        """Record a release and its payload atomically, or raise BudgetExceeded."""
+        """Record a release and its payload atomically, or raise BudgetExceeded.
+
+        ``basis`` names the global model the update was trained from (see ``release``)."""
         # IMMEDIATE takes the write lock first, so two writers cannot both pass the check.
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -130,10 +133,12 @@ class PrivacyLedger:
             now = time.time()
             self._db.execute(
                 "INSERT INTO ledger (job_id, round, noise_multiplier, sample_rate, steps, delta,"
-                " epsilon, job_epsilon, created_at, task_id, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " epsilon, job_epsilon, created_at, task_id, payload, basis) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job_id, round, plan.noise_multiplier, plan.sample_rate, plan.steps, job_delta,
-                 quote.after - quote.spent, job_eps, now, task_id, payload),
+                 quote.after - quote.spent, job_eps, now, task_id, payload, basis),
             )
+            self._db.execute("UPDATE ledger SET payload = NULL WHERE job_id = ? AND round < ? AND sent_at IS NOT NULL",
+                             (job_id, round))
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -162,9 +167,11 @@ class PrivacyLedger:
         cur = self._db.execute("SELECT job_id, round, payload FROM ledger WHERE sent_at IS NULL ORDER BY id")
         return [(self.row(j, r), p) for j, r, p in cur.fetchall()]
 
+    def release(self, job_id: str, round: int) -> tuple[LedgerRow, str, bytes | None] | None:
+        """(row, basis, payload) of a charged round; the payload is None once a later round replaced it."""
+        found = self._db.execute("SELECT basis, payload FROM ledger WHERE job_id = ? AND round = ?",
+                                 (job_id, round)).fetchone()
+        return None if found is None else (self.row(job_id, round), found[0] or "", found[1])
+
     def mark_sent(self, job_id: str, round: int) -> None:
-        # The payload is dropped once delivered: the ledger keeps the spend, not the update.
-        self._db.execute(
-            "UPDATE ledger SET sent_at = ?, payload = NULL WHERE job_id = ? AND round = ?",
-            (time.time(), job_id, round),
-        )
+        self._db.execute("UPDATE ledger SET sent_at = ? WHERE job_id = ? AND round = ?", (time.time(), job_id, round))

@@ -122,6 +122,11 @@ def payload_digest(chunks: Iterable[pb.TensorChunk]) -> str:
     return h.hexdigest()
 
 
+def model_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 of a set of tensors, whatever the chunking they travelled in."""
+    return payload_digest(encode_arrays(dict(sorted(arrays.items()))))
+
+
 def encode_values(values: Mapping[str, bool | int | float | str]) -> dict[str, pb.Value]:
     out = {}
     for k, v in values.items():

@@ -40,12 +40,14 @@ class Ack(_message.Message):
     def __init__(self) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "protocol_version")
+    __slots__ = ("name", "protocol_version", "join_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     protocol_version: str
-    def __init__(self, name: _Optional[str] = ..., protocol_version: _Optional[str] = ...) -> None: ...
+    join_token: str
+    def __init__(self, name: _Optional[str] = ..., protocol_version: _Optional[str] = ..., join_token: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("node_id",)

@@ -71,7 +71,8 @@ class NodeServiceServicer:
     """
 
     def Register(self, request, context):
-        """Join the consortium (or rejoin after a restart) under a stable name.
+        """Join the consortium (or rejoin after a restart). Over mutual TLS the node is its
+        certificate: the first Register spends a one-time join token to enroll it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
