@@ -73,6 +73,7 @@ def million_parameter_job(root: Path) -> tuple[JobSpec, list[Path]]:
 
 def round_seconds(root: Path, spec: JobSpec, shards: list[Path], secure: bool) -> float:
     """Mean wall seconds of the job's rounds on a fresh local consortium."""
+    root.mkdir(parents=True, exist_ok=True)
     policy = root / "policy.yaml"
     policy.write_text(yaml.safe_dump({"max_epsilon": 10.0, "delta": 1e-5}))
     with LocalConsortium(root / ("tls" if secure else "plain"), poll_seconds=1, secure=secure) as consortium:
@@ -97,8 +98,8 @@ def run() -> dict:
         columns, shards, test = write_shards(tmp, len(NODES))
         demo = demo_spec(columns, test, rounds=3, epsilon=3.0)
         wide, wide_shards = million_parameter_job(tmp)
-        for label, spec, data in (("demo (breast cancer, logistic, 31 params)", demo, shards),
-                                  ("1,002,610-parameter MLP", wide, wide_shards)):
+        for label, spec, data in (("demo: breast cancer, 31 params", demo, shards),
+                                  ("MLP, 1,002,610 params", wide, wide_shards)):
             plain = round_seconds(tmp / f"{spec.name}", spec, data, secure=False)
             secure = round_seconds(tmp / f"{spec.name}", spec, data, secure=True)
             rows.append({"job": label, "secure_aggregation": spec.secagg is not None,

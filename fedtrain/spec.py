@@ -20,6 +20,9 @@ from pydantic import (
 from fedtrain.errors import SpecError
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+# The largest tabular model a job may exchange: 50M parameters, 200 MB per float32 update.
+# Checked on the spec, before the coordinator or a node allocates anything.
+MAX_TABULAR_PARAMETERS = 50_000_000
 
 
 class _Strict(BaseModel):
@@ -238,6 +241,12 @@ class JobSpec(_Strict):
                 "a transformer is fine-tuned through an adapter: add adapter: {r: 8, target_modules: [...]}"
                 if self.adapter is None else "adapters apply to transformer models only"
             )
+        if isinstance(self.model, ModelSpec):
+            widths = [len(self.data.features), *self.model.hidden, self.model.num_classes]
+            params = sum(a * b + b for a, b in zip(widths, widths[1:]))
+            if params > MAX_TABULAR_PARAMETERS:
+                raise ValueError(f"the model has {params:,} parameters; a job may exchange at most"
+                                 f" {MAX_TABULAR_PARAMETERS:,} (fewer or narrower hidden layers)")
         if self.secure_aggregation.enabled and self.min_nodes < 3:
             raise ValueError(
                 "secure aggregation needs min_nodes >= 3: with two nodes, each can subtract its own update from"

@@ -23,6 +23,10 @@ def test_spec_rejects_inconsistent_models_and_columns():
         make_spec(data={"features": ["a", "y"], "label": "y"})
     with pytest.raises(SpecError, match="not valid JSON"):
         job_spec_from_json("{not json")
+    # A model too large to exchange is refused on the spec, before anything is allocated.
+    with pytest.raises(SpecError, match="the model has 67,153,922 parameters; a job may exchange at most 50,000,000"):
+        make_spec(model={"kind": "mlp", "hidden": [4096] * 5})
+    assert make_spec(model={"kind": "mlp", "hidden": [4096] * 2})
 
 
 def test_spec_hash_is_canonical(tmp_path):
