@@ -92,8 +92,11 @@ class JobRunner(threading.Thread):
     def __init__(
         self, job_id: str, spec: JobSpec, store: Store, mailbox: Mailbox, run_id: int,
         eval_data: TensorDataset | None, initial: dict[str, np.ndarray] | None = None,
+        on_end: Callable[[str, str, str], None] = lambda job_id, state, error: None,
     ):
-        """``initial``: a new job's starting model; None resumes the job from its last checkpoint."""
+        """``initial``: a new job's starting model; None resumes the job from its last checkpoint.
+        ``on_end(job_id, state, error)`` is called when the job has finished or failed, just
+        before that state is stored."""
         super().__init__(name=f"job-{job_id}", daemon=True)
         self.job_id = job_id
         self.spec = spec
@@ -108,6 +111,7 @@ class JobRunner(threading.Thread):
         self._round_started = time.monotonic()
         self._short_rounds = store.skipped_rounds(job_id)
         self._shortfall = ""
+        self.on_end = on_end
 
     def _too_few(self, server_round: int, ok: int, errors: list[str]) -> None:
         msg = f"only {ok} node result(s), fewer than min_nodes={self.spec.min_nodes}"
@@ -147,9 +151,10 @@ class JobRunner(threading.Thread):
             aggregated, _ = strategy.aggregate_train(server_round, replies)
             if aggregated is not None:
                 return aggregated
+            shortfall = self._shortfall or "the strategy aggregated nothing"
             retry = attempt < self.spec.round_retries
-            note = (f"{self._shortfall}; running the round again (retry {attempt + 1} of {self.spec.round_retries})"
-                    if retry else f"{self._shortfall}; global model unchanged")
+            note = (f"{shortfall}; running the round again (retry {attempt + 1} of {self.spec.round_retries})"
+                    if retry else f"{shortfall}; global model unchanged")
             log.warning("job %s round %d: %s", self.job_id, server_round, note)
             # Shown by `job status` at once, not only when the job ends.
             self.store.set_job_state(self.job_id, "running", self._summary({server_round: note}))
@@ -174,9 +179,13 @@ class JobRunner(threading.Thread):
                     weights = {k: v.astype(dtypes[k]) for k, v in arrays_to_numpy(aggregated).items()}
                 self._checkpoint(server_round, weights, strategy, self._short_rounds.get(server_round, ""))
             failed = len(self._short_rounds) == self.spec.training.rounds
-            self.store.set_job_state(self.job_id, "failed" if failed else "finished", self._summary())
+            state, error = "failed" if failed else "finished", self._summary()
         except JobCancelled as err:  # the coordinator is stopping: the job resumes when it is back
             log.info("job %s paused: %s", self.job_id, err)
+            return
         except Exception as err:  # the job fails, the coordinator keeps serving
             log.exception("job %s failed", self.job_id)
-            self.store.set_job_state(self.job_id, "failed", f"{type(err).__name__}: {err}")
+            state, error = "failed", f"{type(err).__name__}: {err}"
+        # The report first: whoever sees the job ended finds its report.
+        self.on_end(self.job_id, state, error)
+        self.store.set_job_state(self.job_id, state, error)

@@ -25,6 +25,7 @@ from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import (
     GRPC_OPTIONS, PROTOCOL_VERSION, decode_arrays, decode_values, encode_arrays, encode_values,
 )
+from fedtrain.report import REPORT_HTML, write_report
 from fedtrain.spec import JobSpec, job_spec_from_json
 from fedtrain.tls import Identity, fingerprint, peer_certificate, role_and_name
 from coordinator.grid import Mailbox
@@ -55,6 +56,7 @@ class Coordinator:
         # With an identity the coordinator speaks mutual TLS only, and knows nodes by certificate.
         self.identity = identity
         self.store = Store(state_dir / "coordinator.db")
+        self.reports = state_dir / "reports"  # one directory per ended job
         self.mailbox = Mailbox()
         self.runners: dict[str, JobRunner] = {}
         # Per node id for registered nodes, per peer address for Register.
@@ -80,7 +82,8 @@ class Coordinator:
 
     def _start(self, job_id: str, spec: JobSpec, eval_data: TensorDataset | None,
                initial: dict[str, np.ndarray] | None) -> None:
-        runner = JobRunner(job_id, spec, self.store, self.mailbox, len(self.runners) + 1, eval_data, initial)
+        runner = JobRunner(job_id, spec, self.store, self.mailbox, len(self.runners) + 1, eval_data, initial,
+                           on_end=self.write_report)
         self.runners[job_id] = runner
         runner.start()
         self.mailbox.wake()
@@ -94,6 +97,17 @@ class Coordinator:
         job_id = self.store.create_job(spec.name, spec.canonical_json())
         self._start(job_id, spec, eval_data, initial)
         return job_id
+
+    def write_report(self, job_id: str, state: str, error: str) -> None:
+        """The report of a job that has just ended in ``state``."""
+        status = self.job_status(job_id)
+        status.state, status.error = state, error
+        try:
+            path = write_report(status, self.reports / job_id)
+        except Exception:  # a report that cannot be written costs the report, not the job
+            log.exception("job %s: cannot write its report", job_id)
+            return
+        log.info("job %s: report written to %s", job_id, path)
 
     def stop(self) -> None:
         for runner in self.runners.values():
@@ -109,6 +123,9 @@ class Coordinator:
             job_id=job.id, name=job.name, state=job.state, error=job.error,
             rounds_total=spec.training.rounds, spec_json=job.spec_json,
         )
+        report = self.reports / job_id / REPORT_HTML
+        if report.exists():
+            status.report_path = str(report.resolve())
         for node_id, name, decision, reason in self.store.decisions(job_id):
             status.nodes.add(node_id=node_id, name=name, decision=decision, reason=reason)
         for round, metrics, wall in self.store.rounds(job_id):

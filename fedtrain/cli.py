@@ -158,6 +158,31 @@ def job_status(
             console.print(f"[yellow]{status.error}[/yellow]")
 
 
+@job_app.command("report")
+def job_report(
+    job_id: str,
+    open_: bool = typer.Option(False, "--open", help="Also open it in a web browser (on this machine)."),
+    coordinator: str = COORDINATOR,
+    tls_dir: Path = TLS_DIR,
+    insecure: bool = INSECURE,
+) -> None:
+    """Print the path of a job's report (report.html, next to report.json), on the coordinator's disk.
+
+    The coordinator writes it when the job ends: evaluation per round, ε per node against
+    the job's ε, participation and bytes per round.
+    """
+    with _client(coordinator, tls_dir, insecure) as client:
+        status = client.status(job_id)
+    if not status.report_path:
+        raise FedtrainError(f"job {job_id} has no report yet ({status.state}); the coordinator writes it when"
+                            " the job ends")
+    print(status.report_path)
+    if open_:
+        import webbrowser
+
+        webbrowser.open(Path(status.report_path).as_uri())
+
+
 def _checkpoint(client: CoordinatorClient, job_id: str, round: int) -> tuple[pb.JobStatus, int, dict]:
     status = client.status(job_id)
     round = round or max((r.round for r in status.rounds), default=0)

@@ -110,11 +110,14 @@ def plot(report: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_local_job(out: Path, spec: JobSpec, shards: dict[str, Path], policy: dict) -> tuple[str, pb.JobStatus, dict]:
+def run_local_job(out: Path, spec: JobSpec, shards: dict[str, Path],
+                  policy: dict) -> tuple[str, pb.JobStatus, dict, dict[str, np.ndarray]]:
     """Run ``spec`` on a local coordinator and one node process per shard; show progress.
 
-    Returns the job id, its final status and each node's ledger rows and lifetime spend.
+    Returns the job id, its final status, each node's ledger rows and lifetime spend, and
+    the final global model (its trainable tensors).
     """
+    out.mkdir(parents=True, exist_ok=True)
     policy_path = out / "policy.yaml"
     policy_path.write_text(yaml.safe_dump(policy))
     (out / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
@@ -131,6 +134,7 @@ def run_local_job(out: Path, spec: JobSpec, shards: dict[str, Path], policy: dic
         with consortium.client() as client:
             job_id = client.submit(spec)
             status = follow(client, job_id)
+            model = client.model(job_id) if status.state == "finished" else {}
         ledgers = {}
         for name in shards:
             ledger = PrivacyLedger(consortium.node_state(name) / "ledger.db",
@@ -150,11 +154,11 @@ def run_local_job(out: Path, spec: JobSpec, shards: dict[str, Path], policy: dic
             "max_epsilon": node_policy.max_epsilon,
         }
         for name, (rows, spent) in ledgers.items()
-    }
+    }, model
 
 
-def write_report(out: Path, spec: JobSpec, job_id: str, status: pb.JobStatus, nodes: dict,
-                 baselines: dict[str, dict], title: str) -> dict:
+def write_demo_report(out: Path, spec: JobSpec, job_id: str, status: pb.JobStatus, nodes: dict,
+                      baselines: dict[str, dict], title: str) -> dict:
     """report.json and report.png, and the tables on the console."""
     report = {
         "job": {"id": job_id, "epsilon": spec.privacy.epsilon, "delta": spec.privacy.delta,
@@ -193,7 +197,7 @@ def run_demo(out: Path, rounds: int = 5, epsilon: float = 3.0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     columns, shards, test = write_shards(out, len(NODES))
     spec = demo_spec(columns, test, rounds, epsilon)
-    job_id, status, nodes = run_local_job(
+    job_id, status, nodes, _ = run_local_job(
         out, spec, dict(zip(NODES, shards)), {"max_epsilon": 10.0, "delta": 1e-5, "max_rounds_per_job": 50})
     central = centralized_baseline(spec, shards, test)
-    return write_report(out, spec, job_id, status, nodes, {"centralized": central}, "breast cancer, 3 nodes")
+    return write_demo_report(out, spec, job_id, status, nodes, {"centralized": central}, "breast cancer, 3 nodes")

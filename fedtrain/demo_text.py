@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedtrain.data import TextTable
-from fedtrain.demo import run_local_job, train_centrally, write_report
+from fedtrain.demo import run_local_job, train_centrally, write_demo_report
 from fedtrain.errors import FedtrainError
 from fedtrain.models import load_dataset
 from fedtrain.models.transformer import resolve_base, weights_digest
@@ -103,12 +103,12 @@ def run_text_demo(out: Path, rounds: int = 4, epsilon: float = 8.0, per_node: in
     out.mkdir(parents=True, exist_ok=True)
     shards, test = write_text_shards(out, per_node, test_size)
     spec = text_spec(test, rounds, epsilon)
-    job_id, status, nodes = run_local_job(
+    job_id, status, nodes, _ = run_local_job(
         out, spec, dict(zip(NODES, shards)),
         {"max_epsilon": 10.0, "delta": 1e-5, "max_rounds_per_job": 50, "allowed_tasks": ["text-classification"],
          "allowed_models": ["transformer"], "allowed_base_models": [spec.model.sha256]},
     )
     untuned = dict(status.rounds[0].metrics)  # round 0: the base with a fresh adapter, before any training
     central = centralized_lora(spec, shards, test)
-    return write_report(out, spec, job_id, status, nodes, {"centralized": central, "untuned": untuned},
-                        f"tweet sentiment, MiniLM + LoRA, {len(NODES)} nodes")
+    return write_demo_report(out, spec, job_id, status, nodes, {"centralized": central, "untuned": untuned},
+                             f"tweet sentiment, MiniLM + LoRA, {len(NODES)} nodes")

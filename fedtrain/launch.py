@@ -93,9 +93,11 @@ class LocalConsortium:
                 tls.issue(self.pki / "ca", "node", name, self.pki / "nodes" / name)
         out = subprocess.run(
             [sys.executable, "-m", "fedtrain", "coordinator", "token", *names,
-             "--state-dir", str(self.root / "coordinator")], capture_output=True, text=True, check=True,
-        ).stdout
-        self.tokens.update(line.split() for line in out.splitlines() if line.strip())
+             "--state-dir", str(self.root / "coordinator")], capture_output=True, text=True,
+        )
+        if out.returncode:
+            raise FedtrainError(f"`fedtrain coordinator token` failed: {out.stdout}{out.stderr}")
+        self.tokens.update(line.split() for line in out.stdout.splitlines() if line.strip())
 
     def start_node(self, name: str, data: Path, policy: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         if not self.address:

@@ -342,7 +342,7 @@ class RoundStatus(_message.Message):
     def __init__(self, round: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wall_seconds: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeRoundResult, _Mapping]]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "name", "state", "error", "rounds_total", "nodes", "rounds", "spec_json")
+    __slots__ = ("job_id", "name", "state", "error", "rounds_total", "nodes", "rounds", "spec_json", "report_path")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +351,7 @@ class JobStatus(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: str
@@ -359,7 +360,8 @@ class JobStatus(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[NodeJobState]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
     spec_json: str
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., rounds_total: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeJobState, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., spec_json: _Optional[str] = ...) -> None: ...
+    report_path: str
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., rounds_total: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeJobState, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., spec_json: _Optional[str] = ..., report_path: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,78 @@
+"""Every job ends with a report the consortium can read: JSON, and an HTML page checked in Chromium."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_spec
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Chromium on a machine with no network: no background connections, no sandbox (tests run as root).
+CHROMIUM_ARGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def finished(client, job_id, timeout=180):
+    deadline = time.monotonic() + timeout
+    while (status := client.status(job_id)).state not in ("finished", "failed"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+    return status
+
+
+def test_a_finished_job_has_a_report_that_a_browser_shows(consortium):
+    start, client = consortium
+    start(3)
+    spec = make_spec(min_nodes=3, training={"rounds": 2})
+    job_id = client.submit(spec)
+    status = finished(client, job_id)
+    assert status.state == "finished", status.error
+    page = Path(status.report_path)
+    assert page.name == "report.html" and page.parent.name == job_id
+
+    report = json.loads((page.parent / "report.json").read_text())
+    assert report["job"]["secure_aggregation"] and report["job"]["epsilon"] == 1.0
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    assert all(sorted(r["nodes_ok"]) == ["n0", "n1", "n2"] and r["bytes_received"] > 0 for r in report["rounds"][1:])
+    for name in ("n0", "n1", "n2"):
+        eps = report["nodes"][name]["epsilon"]
+        assert 0 < eps["1"] < eps["2"] <= 1.0 + 1e-6  # spent per round, within the job's ε
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed here (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        tab = browser.new_page()
+        problems = []
+        tab.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+        tab.on("pageerror", lambda e: problems.append(str(e)))
+        tab.on("requestfailed", lambda r: problems.append(f"{r.url}: {r.failure}"))
+        tab.goto(page.as_uri())
+        tab.wait_for_load_state("load")
+        assert job_id in tab.title()
+        sizes = tab.eval_on_selector_all(
+            "figure svg", "els => els.map(e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height])")
+        captions = tab.eval_on_selector_all("figcaption", "els => els.map(e => e.textContent)")
+        browser.close()
+    assert problems == []
+    assert len(sizes) == 3 and all(w > 200 and h > 100 for w, h in sizes), sizes
+    assert captions[1] == "Privacy spent per node, against the job's ε"
+
+
+def test_the_cli_prints_the_report_path_or_says_why_there_is_none(consortium, tmp_path):
+    start, client = consortium
+    args = [sys.executable, "-m", "fedtrain", "job", "report", "--coordinator", client.address, "--insecure"]
+    job_id = client.submit(make_spec(min_nodes=2))  # no node ever joins: the job waits
+    out = subprocess.run([*args, job_id], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"job {job_id} has no report yet (waiting)" in out.stdout
+    start(2)
+    status = finished(client, job_id)
+    out = subprocess.run([*args, job_id], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == status.report_path
