@@ -23,14 +23,17 @@ REPORT_JSON, REPORT_HTML = "report.json", "report.html"
 def job_report(status: pb.JobStatus) -> dict:
     """The report's content, as plain JSON-able data."""
     spec = job_spec_from_json(status.spec_json)
-    nodes: dict[str, dict] = {n.name: {"decision": n.decision, "reason": n.reason, "epsilon": {}, "rounds": []}
-                              for n in status.nodes}
+
+    def node_entry(decision: str = "", reason: str = "") -> dict:
+        return {"decision": decision, "reason": reason, "epsilon": {}, "rounds": []}
+
+    nodes = {n.name: node_entry(n.decision, n.reason) for n in status.nodes}
     rounds = []
     for r in status.rounds:
         entry = {"round": r.round, "metrics": dict(r.metrics), "wall_seconds": r.wall_seconds,
                  "bytes_received": sum(n.bytes_received for n in r.nodes), "nodes_ok": [], "nodes_refused": {}}
         for n in r.nodes:
-            node = nodes.setdefault(n.name, {"decision": "", "reason": "", "epsilon": {}, "rounds": []})
+            node = nodes.setdefault(n.name, node_entry())
             if n.refusal:
                 entry["nodes_refused"][n.name] = n.refusal
                 continue

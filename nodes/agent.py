@@ -329,8 +329,9 @@ class NodeAgent:
         except (FedtrainError, ValueError) as err:
             return self._refuse(task, f"cannot fetch the global model: {err}")
         if payload is None or basis != model_digest(start):
-            return self._refuse(task, f"round {task.round} of job {task.job_id} was already released from"
-                                      " another global model; it is never trained twice")
+            why = "its update is no longer kept" if payload is None else "from another global model"
+            return self._refuse(task, f"round {task.round} of job {task.job_id} was already released ({why});"
+                                      " it is never trained twice")
         log.info("job %s round %d: sending the update charged before (no new spend)", task.job_id, task.round)
         bundle = pb.ResultBundle.FromString(payload)
         bundle.header.task_id = task.task_id
