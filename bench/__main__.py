@@ -17,6 +17,11 @@ Secure aggregation (SecAgg+), 1M-parameter update, n = 5, 10, 25, 50 nodes, 0% a
 Mutual TLS (real processes: a coordinator and 3 nodes):
 - the handshake's cost per connection (first RPC on a new channel, TLS - plaintext);
 - round time with mutual TLS / plaintext, at the demo's size and with a 1M-parameter update.
+
+Simulation (`fedtrain simulate`, Flower's engine on Ray), N = 10, 100, 1,000 virtual nodes:
+- virtual nodes trained per minute in a steady round, and peak memory, each against N = 10;
+- the same at N = 100 with Ray reserving 2 CPUs per virtual node (Flower's default) and half a CPU,
+  instead of fedtrain's one.
 """
 
 from __future__ import annotations
@@ -181,11 +186,29 @@ def transport() -> None:
     console.print(table)
 
 
+def simulation() -> None:
+    from bench.simulate import run
+
+    rows = run()
+    base = rows[0]
+    table = Table(title="fedtrain simulate: logistic model, 50 rows per node, IID, DP-SGD (ε=3), 3 rounds")
+    for col in ("nodes", "CPU per node", "round 1 s", "steady round s", "nodes/min (vs N=10)",
+                "peak memory GiB (vs N=10)", "accuracy"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(f"{r['nodes']:,}", f"{r['cpus_per_node']:g}", f"{r['first_round_s']:.1f}",
+                      f"{r['steady_round_s']:.2f}",
+                      f"{r['nodes_per_minute']:,.0f} ({r['nodes_per_minute'] / base['nodes_per_minute']:.2f}x)",
+                      f"{r['peak_rss_bytes'] / 2**30:.2f} ({r['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x)",
+                      f"{r['accuracy']:.3f}")
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-demo", action="store_true", help="skip the federated text demo (a few minutes)")
-    parser.add_argument("--only", choices=["tabular", "lora", "secagg", "tls"], help="run one group of measurements")
+    parser.add_argument("--only", choices=["tabular", "lora", "secagg", "tls", "simulate"], help="run one group of measurements")
     args = parser.parse_args()
     if args.only in (None, "tabular"):
         tabular()
@@ -195,6 +218,8 @@ def main() -> None:
         secure_aggregation()
     if args.only in (None, "tls"):
         transport()
+    if args.only in (None, "simulate"):
+        simulation()
 
 
 if __name__ == "__main__":

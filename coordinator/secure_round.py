@@ -19,6 +19,7 @@ from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
 from fedtrain.errors import SecAggError, WireError
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import manifest_of
+from fedtrain.rounds import AGGREGATED_NODES
 from fedtrain.secagg.encoding import MASKED_TENSOR, clip_range, masked_manifest, unflatten, vector_length
 from fedtrain.secagg.server import SecAggServer
 from fedtrain.spec import JobSpec
@@ -26,8 +27,6 @@ from coordinator.grid import NetworkGrid
 
 log = logging.getLogger("fedtrain.coordinator")
 
-# How many nodes' updates the one aggregated reply stands for (MinNodes counts them).
-AGGREGATED_NODES = "aggregated-nodes"
 # Flower error code of a round that secure aggregation could not finish.
 SECAGG_FAILED = 101
 

@@ -30,7 +30,8 @@ app.add_typer(job_app, name="job")
 certs_app = typer.Typer(help="The consortium's CA and the certificates of mutual TLS.", no_args_is_help=True)
 app.add_typer(certs_app, name="certs")
 
-COORDINATOR = typer.Option("127.0.0.1:7443", "--coordinator", "-c", help="HOST:PORT of the coordinator.")
+COORDINATOR = typer.Option("127.0.0.1:7443", "--coordinator", "-c", envvar="FEDTRAIN_COORDINATOR",
+                           help="HOST:PORT of the coordinator.")
 TLS_DIR = typer.Option(None, "--tls-dir", envvar="FEDTRAIN_TLS_DIR",
                        help="Directory with ca.pem, cert.pem and key.pem (from `fedtrain certs issue`).")
 INSECURE = typer.Option(False, "--insecure", help="Plaintext gRPC with no authentication: tests on one machine only.")
@@ -284,6 +285,74 @@ def _demo(out: Path = typer.Option(None, help="Directory for report.json, report
 
 
 app.command("demo")(_demo)
+
+
+@app.command("simulate")
+def simulate_command(
+    spec_path: Path = typer.Argument(..., metavar="JOB.yaml", help="The job spec to rehearse."),
+    nodes: int = typer.Option(..., "--nodes", "-n", min=1, help="Number of virtual nodes."),
+    data: Path = typer.Option(..., "--data", help="Table to partition over the nodes (the format the job reads)."),
+    partition: str = typer.Option("iid", help="iid, or dirichlet: non-IID label skew drawn with --alpha."),
+    alpha: float = typer.Option(0.5, min=1e-3, help="Dirichlet concentration: smaller, more skewed."),
+    seed: int = typer.Option(0, help="Seed of the partition."),
+    cpus_per_node: float = typer.Option(1.0, min=0.01, help="CPUs Ray reserves per virtual node in training (Flower's"
+                                        " default is 2: one node at a time on 2 cores)."),
+    out: Path = typer.Option(None, help="Directory for the partitions and simulation.json (default: temporary)."),
+) -> None:
+    """Rehearse a job with N virtual nodes on this machine (Flower's simulation engine).
+
+    Each virtual node runs the node agent's own DP-SGD training on its partition, and the
+    rounds aggregate with the coordinator's own strategy and loop.
+    """
+    import logging
+    import tempfile
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedtrain.simulation import simulate
+    from fedtrain.spec import load_job_spec
+
+    spec = load_job_spec(spec_path)
+    if spec.secagg is not None:
+        console.print("note: the rehearsal aggregates in the clear; secure aggregation gives the same sum up to"
+                      " its quantization")
+    # Flower's per-round lines (and its notice that run_simulation is deprecated in favour of
+    # `flwr run`, which needs a packaged Flower App) would break the progress bar.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="fedtrain-simulate-") as scratch, \
+            Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                     console=console) as progress:
+        bar = progress.add_task(f"{spec.name}: {nodes} virtual nodes (starting Ray)", total=spec.training.rounds)
+
+        def advance(r) -> None:
+            detail = f", accuracy {r.metrics['accuracy']:.3f}" if "accuracy" in r.metrics else ""
+            progress.update(bar, advance=1, description=f"{spec.name}: {nodes} virtual nodes{detail}")
+
+        result = simulate(spec, data, nodes, out or Path(scratch), partition, alpha, seed, cpus_per_node, advance)
+    table = Table(title=f"{spec.name}: {nodes} virtual nodes, {partition} partitions")
+    metric_names = sorted({k for r in result.rounds for k in r.metrics})
+    for column in ["round", "nodes", "failed", "seconds", "nodes/min", *metric_names]:
+        table.add_column(column, justify="right")
+    for r in result.rounds:
+        rate = f"{60 * r.nodes / r.wall_seconds:,.0f}" if r.wall_seconds else "-"
+        table.add_row(str(r.round), str(r.nodes), str(sum(r.failed.values())), f"{r.wall_seconds:.1f}", rate,
+                      *(f"{r.metrics[k]:.4f}" if k in r.metrics else "-" for k in metric_names))
+    console.print(table)
+    for reason in sorted({reason for r in result.rounds for reason in r.failed}):
+        rounds = ", ".join(str(r.round) for r in result.rounds if reason in r.failed)
+        console.print(f"[yellow]virtual nodes failed[/yellow] in round(s) {rounds}: {reason}", highlight=False)
+    sizes = result.partition_sizes
+    console.print(f"rows per node {min(sizes)}..{max(sizes)}; ε per node {min(result.epsilon):.3f}.."
+                  f"{max(result.epsilon):.3f} of the job's {spec.privacy.epsilon} (δ={spec.privacy.delta});"
+                  f" peak memory {result.peak_rss_bytes / 2**30:.2f} GiB; {result.wall_seconds:.0f} s in all")
+    if out is not None:
+        (out / "simulation.json").write_text(result.to_json())
+        console.print(f"written: {out / 'simulation.json'}")
+    given_up = [r for r in result.rounds if r.given_up]
+    for r in given_up:
+        console.print(f"[red]round {r.round}:[/red] {r.given_up}", highlight=False)
+    if len(given_up) == len(result.rounds):
+        raise typer.Exit(1)
 
 
 def _load_service_commands() -> None:

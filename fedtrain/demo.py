@@ -35,7 +35,8 @@ LABEL = "malignant"
 
 
 def write_shards(out: Path, num_nodes: int, seed: int = 0) -> tuple[list[str], list[Path], Path]:
-    """Disjoint node shards plus a held-out test set, as CSV files."""
+    """Disjoint node shards plus a held-out test set, as CSV files; ``train.csv`` holds the
+    shards' rows together, for ``fedtrain simulate`` to partition its own way."""
     data = load_breast_cancer()
     # Recode so that 1 means malignant, the class clinicians look for.
     x, y = data.data, 1 - data.target
@@ -47,6 +48,7 @@ def write_shards(out: Path, num_nodes: int, seed: int = 0) -> tuple[list[str], l
         path = out / f"shard-{i}.csv"
         write_table(path, columns, x_train[idx], LABEL, y_train[idx])
         shards.append(path)
+    write_table(out / "train.csv", columns, x_train, LABEL, y_train)
     test = out / "test.csv"
     write_table(test, columns, x_test, LABEL, y_test)
     return columns, shards, test

@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedtrain.errors import FedtrainError, SpecError
-from fedtrain.models.transformer import verified_base
-from fedtrain.privacy.accounting import plan_round
-from fedtrain.privacy.ledger import PrivacyLedger
 from fedtrain.spec import JobSpec, load_yaml
+
+if TYPE_CHECKING:
+    from fedtrain.privacy.ledger import PrivacyLedger
 
 
 class NodePolicy(BaseModel):
@@ -62,6 +62,10 @@ class Review:
 
 def review_job(spec: JobSpec, policy: NodePolicy, ledger: PrivacyLedger, num_examples: int) -> Review:
     """Decide on a job before any training: every rule is checked, every failure named."""
+    # Imported here: the owner's CLI reads policies without loading torch and Opacus.
+    from fedtrain.models.transformer import verified_base
+    from fedtrain.privacy.accounting import plan_round
+
     problems = []
     if spec.task not in policy.allowed_tasks:
         problems.append(f"task {spec.task!r} is not in allowed_tasks {policy.allowed_tasks}")

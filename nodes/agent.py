@@ -38,6 +38,7 @@ from fedtrain.secagg.node import SecAggNode
 from fedtrain.spec import JobSpec, job_spec_from_json
 from fedtrain.tls import Identity, channel
 from nodes.jobs import JobBook
+from nodes.state import StatePaths
 
 log = logging.getLogger("fedtrain.node")
 
@@ -59,16 +60,6 @@ _SERVED = {"train": (None, "collect"), "train.secagg": ("setup", "share_keys", "
 
 class Failpoint(Exception):
     """Raised out of ``NodeAgent.run`` when the agent reaches its failpoint."""
-
-
-class StatePaths:
-    """Where a node keeps its state; shared by the agent and the owner's CLI."""
-
-    def __init__(self, state_dir: Path):
-        self.ledger = state_dir / "ledger.db"
-        self.jobs = state_dir / "jobs.db"
-        self.audit = state_dir / "audit.jsonl"
-        self.key = state_dir / "node_ed25519.pem"  # signs the owner's approvals
 
 
 class NodeAgent:

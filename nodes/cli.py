@@ -11,6 +11,7 @@ import socket
 import threading
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -21,9 +22,11 @@ from fedtrain.cli import INSECURE, TLS_DIR, identity_option
 from fedtrain.console import console
 from fedtrain.errors import FedtrainError
 from fedtrain.policy import Decision, load_policy
-from fedtrain.privacy.ledger import PrivacyLedger
-from nodes.agent import FAILPOINT_ENV, Failpoint, NodeAgent, StatePaths
 from nodes.jobs import JobBook
+from nodes.state import StatePaths
+
+if TYPE_CHECKING:
+    from fedtrain.privacy.ledger import PrivacyLedger
 
 app = typer.Typer(help="Run and inspect a data owner's node agent.", no_args_is_help=True)
 STATE_DIR = typer.Option(..., "--state-dir", help="The node's state directory (ledger, jobs, audit log, policy).")
@@ -32,7 +35,8 @@ POLICY_COPY = "policy.yaml"
 
 @app.command()
 def start(
-    coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator; the node dials out, it opens no port."),
+    coordinator: str = typer.Option(..., envvar="FEDTRAIN_COORDINATOR",
+                                    help="HOST:PORT of the coordinator; the node dials out, it opens no port."),
     data: Path = typer.Option(..., exists=True, dir_okay=False, help="The local CSV table; it never leaves this machine."),
     policy: Path = typer.Option(..., exists=True, dir_okay=False, help="The owner's privacy policy (YAML)."),
     state_dir: Path = STATE_DIR,
@@ -47,6 +51,10 @@ def start(
 
     It connects with mutual TLS using the node certificate in --tls-dir.
     """
+    # Here, not at the top: the agent loads torch and Opacus, which the owner's other commands
+    # (jobs, approve, audit) do without, answering in a fraction of a second.
+    from nodes.agent import FAILPOINT_ENV, Failpoint, NodeAgent
+
     identity = identity_option(tls_dir, insecure, "node")
     if identity is not None and name not in (None, identity.name):
         raise typer.BadParameter(f"the certificate in {tls_dir} is {identity.name!r}'s", param_hint="--name")
@@ -71,6 +79,8 @@ def start(
 
 
 def _ledger(state_dir: Path) -> PrivacyLedger:
+    from fedtrain.privacy.ledger import PrivacyLedger
+
     policy_path = state_dir / POLICY_COPY
     if not policy_path.exists():
         raise typer.BadParameter(f"{state_dir} holds no node state; start a node with --state-dir {state_dir} first")

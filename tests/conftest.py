@@ -11,7 +11,8 @@ from fedtrain.policy import NodePolicy
 from fedtrain.privacy.ledger import PrivacyLedger
 from fedtrain.secagg.encoding import node_weight
 from fedtrain.spec import parse_job_spec
-from nodes.agent import Failpoint, NodeAgent, StatePaths
+from nodes.agent import Failpoint, NodeAgent
+from nodes.state import StatePaths
 
 FEATURES = ["mean radius", "mean texture", "mean smoothness", "worst area"]
 

@@ -6,7 +6,7 @@ import sqlite3
 from fedtrain import approval
 from fedtrain.audit import AuditLog
 from fedtrain.policy import Decision, NodePolicy
-from nodes.agent import StatePaths
+from nodes.state import StatePaths
 from nodes.jobs import JobBook
 
 from conftest import make_spec

@@ -220,7 +220,7 @@ def test_fedadam_state_survives_a_checkpoint(tmp_path):
     """A strategy restored from a checkpoint takes the same step as one that never stopped."""
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from coordinator.runner import build_strategy, restore_strategy_state, strategy_state
+    from fedtrain.rounds import build_strategy, restore_strategy_state, strategy_state
     from coordinator.store import Store
     from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
 
@@ -240,24 +240,24 @@ def test_fedadam_state_survives_a_checkpoint(tmp_path):
         new, _ = strategy.aggregate_train(server_round, [reply])
         return new
 
-    straight = build_strategy(spec, lambda *a: None)
+    straight = build_strategy(spec)
     arrays = numpy_to_arrays(start)
     for r, u in enumerate(updates, 1):
         arrays = step(straight, r, arrays, u)
 
     store = Store(tmp_path / "c.db")
     job = store.create_job("j", spec.canonical_json())
-    first = build_strategy(spec, lambda *a: None)
+    first = build_strategy(spec)
     resumed_arrays = numpy_to_arrays(start)
     for r, u in enumerate(updates[:2], 1):
         resumed_arrays = step(first, r, resumed_arrays, u)
         store.finish_round(job, r, {}, 0.0, arrays_to_numpy(resumed_arrays), strategy_state(first))
     done, weights, state = store.checkpoint(job)
     assert done == 2 and set(state) == {"m_t/w", "v_t/w"}
-    second = build_strategy(spec, lambda *a: None)
+    second = build_strategy(spec)
     restore_strategy_state(second, state)
     final = step(second, 3, numpy_to_arrays(weights), updates[2])
     np.testing.assert_array_equal(arrays_to_numpy(final)["w"], arrays_to_numpy(arrays)["w"])
     # Without the moments the step differs: the state is what makes the resume exact.
-    fresh = step(build_strategy(spec, lambda *a: None), 3, numpy_to_arrays(weights), updates[2])
+    fresh = step(build_strategy(spec), 3, numpy_to_arrays(weights), updates[2])
     assert not np.array_equal(arrays_to_numpy(fresh)["w"], arrays_to_numpy(final)["w"])

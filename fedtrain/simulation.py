@@ -1,0 +1,282 @@
+"""``fedtrain simulate``: rehearse a job with N virtual nodes on one machine.
+
+A data set is cut into N partitions (IID, or non-IID by a Dirichlet draw over the
+label, with Flower Datasets' partitioners), and Flower's simulation engine (Ray) runs
+the job: each virtual node is the node agent's own ``ClientApp`` (the same DP-SGD
+training, the same reply) reading its partition, and the rounds are the coordinator's
+own loop and strategy (``fedtrain.rounds``), with central evaluation on the spec's
+evaluation table. What a rehearsal leaves out is the deployment around that code:
+policies, ledgers, approvals, TLS, and secure aggregation, whose sum equals the plain
+one up to quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtrain.client_app import app as node_app
+from fedtrain.errors import FedtrainError, SpecError
+from fedtrain.spec import JobSpec, TextDataSpec
+
+log = logging.getLogger("fedtrain.simulation")
+
+SCHEMES = ("iid", "dirichlet")
+
+
+def _read(path: Path):
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    readers = {".csv": pacsv.read_csv, ".jsonl": pajson.read_json, ".json": pajson.read_json,
+               ".parquet": pq.read_table}
+    if not path.exists():
+        raise SpecError(f"data file {path} does not exist")
+    if path.suffix.lower() not in readers:
+        raise SpecError(f"{path}: unknown data format {path.suffix!r}; use .csv, .jsonl or .parquet")
+    return readers[path.suffix.lower()](path)
+
+
+def _write(table, path: Path) -> None:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        pacsv.write_csv(table, path)
+    elif suffix == ".parquet":
+        pq.write_table(table, path)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+
+
+def partition_rows(labels: list, num_nodes: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
+                   min_size: int = 1) -> list[np.ndarray]:
+    """Row indices of each of ``num_nodes`` partitions, drawn by Flower Datasets' partitioners.
+
+    ``iid``: a shuffled, near-equal split. ``dirichlet``: each label's rows are spread over
+    the nodes by a Dirichlet(``alpha``) draw (small alpha: each node sees few labels), redrawn
+    until every node holds at least ``min_size`` rows.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if num_nodes < 1:
+        raise ValueError("a simulation needs at least one node")
+    if len(labels) < num_nodes * min_size:
+        raise SpecError(f"{len(labels)} rows cannot give {num_nodes} nodes {min_size} row(s) each;"
+                        " simulate fewer nodes or use a larger data set")
+    rows = Dataset.from_dict({"row": np.arange(len(labels)), "label": [str(v) for v in labels]})
+    if scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=num_nodes)
+        rows = rows.shuffle(seed=seed)
+    elif scheme == "dirichlet":
+        partitioner = DirichletPartitioner(num_partitions=num_nodes, partition_by="label", alpha=alpha,
+                                           min_partition_size=min_size, self_balancing=True, seed=seed)
+    else:
+        raise SpecError(f"unknown partition scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    partitioner.dataset = rows
+    try:
+        with warnings.catch_warnings():  # one per Dirichlet redraw; failing for good raises below
+            warnings.simplefilter("ignore", UserWarning)
+            return [np.asarray(partitioner.load_partition(i)["row"]) for i in range(num_nodes)]
+    except ValueError as err:  # Dirichlet draws that keep leaving a node under min_size
+        raise SpecError(f"cannot draw {num_nodes} Dirichlet partitions with alpha={alpha} and at least"
+                        f" {min_size} row(s) each ({err}); raise alpha or simulate fewer nodes") from None
+
+
+def write_partitions(data: Path, spec: JobSpec, num_nodes: int, out: Path, scheme: str = "iid",
+                     alpha: float = 0.5, seed: int = 0) -> list[int]:
+    """Cut ``data`` into ``num_nodes`` files in ``out`` (``0.csv``, ``1.csv``, ...), in its own format;
+    returns their sizes."""
+    table = _read(data)
+    label = spec.data.label
+    if scheme == "dirichlet" and label is None:
+        raise SpecError("a Dirichlet partition spreads each label over the nodes; this job's data has no label")
+    if label is not None and label not in table.column_names:
+        raise SpecError(f"{data}: missing label column {label!r}; the file has {table.column_names}")
+    labels = table.column(label).to_pylist() if label is not None else [0] * table.num_rows
+    # A tabular node standardises its own features: give each at least two rows.
+    min_size = 1 if isinstance(spec.data, TextDataSpec) else 2
+    out.mkdir(parents=True, exist_ok=True)
+    partitions = partition_rows(labels, num_nodes, scheme, alpha, seed, min_size)
+    for i, rows in enumerate(partitions):
+        _write(table.take(rows), out / f"{i}{data.suffix.lower()}")
+    return [len(rows) for rows in partitions]
+
+
+@dataclass
+class RoundResult:
+    round: int
+    nodes: int  # virtual nodes whose update was aggregated
+    wall_seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)  # virtual nodes whose training failed, by reason
+    given_up: str = ""  # why the round aggregated nothing
+
+
+@dataclass
+class SimulationResult:
+    nodes: int
+    scheme: str
+    partition_sizes: list[int]
+    rounds: list[RoundResult]
+    epsilon: list[float]  # each node's ε over the job, by Opacus's accountant (0 if it never trained)
+    peak_rss_bytes: int  # the simulation's processes together (this one, Ray's and its workers)
+    wall_seconds: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+class _PeakMemory(threading.Thread):
+    """Samples the resident memory of this process and all its descendants (Ray's raylet,
+    GCS and workers) and keeps the largest total seen."""
+
+    def __init__(self, interval: float = 0.25):
+        super().__init__(daemon=True, name="peak-memory")
+        self.interval = interval
+        self.peak = 0
+        self._done = threading.Event()
+
+    def sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:  # a worker that just ended
+                pass
+        self.peak = max(self.peak, total)
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        self.sample()
+        return self.peak
+
+
+# The virtual node: fedtrain's node ClientApp, on the partition Flower assigned it.
+client_app = ClientApp()
+
+
+@client_app.train()
+def _train_partition(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    partition = Path(str(config["partition-dir"])) / f"{context.node_config['partition-id']}{config['suffix']}"
+    node = Context(run_id=context.run_id, node_id=context.node_id, node_config={"data-path": str(partition)},
+                   state=context.state, run_config={"job-spec": str(config["job-spec"])})
+    return node_app(msg, node)
+
+
+def simulate(
+    spec: JobSpec, data: Path, num_nodes: int, work: Path, scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
+    cpus_per_node: float = 1.0, on_round: Callable[[RoundResult], None] = lambda r: None,
+) -> SimulationResult:
+    """Run ``spec`` with ``num_nodes`` virtual nodes on partitions of ``data`` written to ``work``."""
+    from flwr.app import ConfigRecord
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedtrain.models import build_model, evaluate, initial_state, load_dataset, load_trainable_state
+    from fedtrain.privacy.accounting import epsilon
+    from fedtrain.rounds import build_strategy, run_rounds
+
+    if num_nodes < spec.min_nodes:
+        raise SpecError(f"the job needs min_nodes={spec.min_nodes} per round; simulate at least that many nodes")
+    cpus = os.cpu_count() or 1
+    if cpus_per_node > cpus:
+        raise FedtrainError(f"cpus_per_node={cpus_per_node:g} is more than this machine's {cpus} CPUs:"
+                            " Ray could not start a single virtual node")
+    started = time.monotonic()
+    sizes = write_partitions(data, spec, num_nodes, work / "partitions", scheme, alpha, seed)
+    eval_data = load_dataset(spec.evaluation.data, spec) if spec.evaluation else None
+    eval_model = build_model(spec) if eval_data is not None else None
+    rounds: list[RoundResult] = []
+    history: dict[int, list[tuple[float, float, int]]] = {}
+    failure: list[BaseException] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        strategy = build_strategy(spec)
+        clock = [time.monotonic()]
+
+        def after_round(server_round: int, weights: dict[str, np.ndarray], given_up: str) -> None:
+            for node, metrics in strategy.accepted if not given_up else []:
+                history.setdefault(node, []).append(
+                    (float(metrics["noise-multiplier"]), float(metrics["sample-rate"]), int(metrics["steps"])))
+            metrics = {}
+            if eval_model is not None:
+                load_trainable_state(eval_model, weights)
+                metrics = evaluate(eval_model, eval_data, spec)
+            now = time.monotonic()
+            result = RoundResult(server_round, 0 if given_up else len(strategy.accepted), now - clock[0], metrics,
+                                 dict(Counter(strategy.errors)), given_up)
+            clock[0] = now
+            rounds.append(result)
+            on_round(result)
+
+        config = ConfigRecord({"job-spec": spec.canonical_json(), "partition-dir": str(work / "partitions"),
+                               "suffix": data.suffix.lower()})
+        try:
+            # The engine starts this app while it is still registering the virtual nodes; the first
+            # round would sample only those registered by then.
+            deadline = time.monotonic() + 300
+            while len(grid.get_node_ids()) < num_nodes:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {len(grid.get_node_ids())} of {num_nodes} virtual nodes came up")
+                time.sleep(0.05)
+            run_rounds(strategy, grid, spec, initial_state(spec), 1, after_round, config=config)
+        except BaseException as err:  # raised again by simulate(), whatever the engine makes of it
+            failure.append(err)
+            raise
+
+    backend = {
+        # CPUs Ray reserves per virtual node in training. Flower's default of 2 trains one node at a
+        # time on a 2-core laptop; 1 trains one per core, and below 1 only adds workers' memory
+        # (see `python -m bench --only simulate`).
+        "client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+                      "object_store_memory": 128 * 2**20, "logging_level": "WARNING",
+                      # A virtual node's failure comes back in its reply, hence in the round's result.
+                      "log_to_driver": False},
+    }
+    for var in ("FLWR_TELEMETRY_ENABLED", "RAY_USAGE_STATS_ENABLED", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"):
+        os.environ.setdefault(var, "0")
+    memory = _PeakMemory()
+    memory.start()
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                       backend_config=backend)
+    finally:
+        peak = memory.stop()
+    if failure:
+        raise failure[0]
+    if len(rounds) != spec.training.rounds:
+        raise RuntimeError(f"the simulation ended after {len(rounds)} of {spec.training.rounds} rounds;"
+                           " Flower's log above says why")
+    # Nodes of equal size ran the same mechanism: one accountant call per distinct history.
+    by_history = {h: epsilon(h, spec.privacy.delta) for h in {tuple(h) for h in history.values()}}
+    spent = [by_history[tuple(h)] for h in history.values()] + [0.0] * (num_nodes - len(history))
+    return SimulationResult(nodes=num_nodes, scheme=scheme, partition_sizes=sizes, rounds=rounds, epsilon=spent,
+                            peak_rss_bytes=peak, wall_seconds=time.monotonic() - started)
