@@ -65,6 +65,7 @@ class JobRunner(threading.Thread):
                     strategy: Strategy) -> None:
         """Evaluate the global model after a round (and for round 0) and persist it with the strategy's state."""
         if skipped:
+            log.warning("job %s round %d: %s", self.job_id, server_round, skipped)
             self._short_rounds[server_round] = skipped
             self.store.set_job_state(self.job_id, "running", self._summary())  # shown by `job status` at once
         if os.environ.get(HOLD_ENV) == f"before-checkpoint:{server_round}":

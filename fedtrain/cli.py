@@ -304,7 +304,7 @@ def simulate_command(
     Each virtual node runs the node agent's own DP-SGD training on its partition, and the
     rounds aggregate with the coordinator's own strategy and loop.
     """
-    import logging
+    import shutil
     import tempfile
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -316,19 +316,17 @@ def simulate_command(
     if spec.secagg is not None:
         console.print("note: the rehearsal aggregates in the clear; secure aggregation gives the same sum up to"
                       " its quantization")
-    # Flower's per-round lines (and its notice that run_simulation is deprecated in favour of
-    # `flwr run`, which needs a packaged Flower App) would break the progress bar.
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="fedtrain-simulate-") as scratch, \
-            Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                     console=console) as progress:
+    # Without --out, the partitions and Flower's log go to a scratch dir, kept only if something failed.
+    work = out or Path(tempfile.mkdtemp(prefix="fedtrain-simulate-"))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
         bar = progress.add_task(f"{spec.name}: {nodes} virtual nodes (starting Ray)", total=spec.training.rounds)
 
         def advance(r) -> None:
             detail = f", accuracy {r.metrics['accuracy']:.3f}" if "accuracy" in r.metrics else ""
             progress.update(bar, advance=1, description=f"{spec.name}: {nodes} virtual nodes{detail}")
 
-        result = simulate(spec, data, nodes, out or Path(scratch), partition, alpha, seed, cpus_per_node, advance)
+        result = simulate(spec, data, nodes, work, partition, alpha, seed, cpus_per_node, advance)
     table = Table(title=f"{spec.name}: {nodes} virtual nodes, {partition} partitions")
     metric_names = sorted({k for r in result.rounds for k in r.metrics})
     for column in ["round", "nodes", "failed", "seconds", "nodes/min", *metric_names]:
@@ -349,8 +347,13 @@ def simulate_command(
         (out / "simulation.json").write_text(result.to_json())
         console.print(f"written: {out / 'simulation.json'}")
     given_up = [r for r in result.rounds if r.given_up]
-    for r in given_up:
-        console.print(f"[red]round {r.round}:[/red] {r.given_up}", highlight=False)
+    if given_up:
+        console.print(f"[red]global model unchanged in round(s) {', '.join(str(r.round) for r in given_up)}:[/red]"
+                      f" fewer than min_nodes={spec.min_nodes} results", highlight=False)
+    if given_up or any(r.failed for r in result.rounds):
+        console.print(f"Flower's log, with each failure's traceback: {work / 'flower.log'}", highlight=False)
+    elif out is None:
+        shutil.rmtree(work)
     if len(given_up) == len(result.rounds):
         raise typer.Exit(1)
 

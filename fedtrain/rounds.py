@@ -1,13 +1,12 @@
 """A job's rounds: its Flower strategy, and the loop that runs the strategy over a grid.
 
 The coordinator runs this loop over its network of real nodes, ``fedtrain simulate``
-over Flower's simulation grid of virtual ones: a rehearsal aggregates exactly as the
-deployed job will.
+over Flower's simulation grid of virtual ones: a rehearsal aggregates as the deployed
+job will (secure aggregation aside, whose sum is the same up to quantization).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -17,8 +16,6 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
 from fedtrain.spec import JobSpec
-
-log = logging.getLogger("fedtrain.rounds")
 
 STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 
@@ -115,5 +112,4 @@ def run_rounds(
                                        f" (retry {attempt + 1} of {spec.round_retries})")
             else:
                 given_up = f"{shortfall}; global model unchanged"
-                log.warning("round %d: %s", server_round, given_up)
         on_round(server_round, weights, given_up)

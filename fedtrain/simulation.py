@@ -12,14 +12,16 @@ one up to quantization.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from fedtrain.client_app import app as node_app
 from fedtrain.errors import FedtrainError, SpecError
 from fedtrain.spec import JobSpec, TextDataSpec
 
-log = logging.getLogger("fedtrain.simulation")
+FLOWER_LOG = "flower.log"
 
 SCHEMES = ("iid", "dirichlet")
 
@@ -188,11 +190,39 @@ def _train_partition(msg: Message, context: Context) -> Message:
     return node_app(msg, node)
 
 
+def _failure(reason: str, work: Path) -> str:
+    """A virtual node's error, as the ClientApp raised it (Flower wraps it in Ray's traceback),
+    with its partition's path left out so that equal failures count together."""
+    raised = re.search(r"Exception ClientAppException occurred\. Message: (.*)'>\s*$", reason, flags=re.S)
+    text = raised.group(1) if raised else reason
+    text = re.sub(re.escape(str(work / "partitions")) + r"/\d+\.\w+", "its partition", text)
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def _flower_log_to(path: Path) -> Iterator[None]:
+    """Send Flower's log to ``path`` instead of the console: the engine logs every failed virtual
+    node with its traceback (thousands of lines), while the result names each failure once."""
+    flower = logging.getLogger("flwr")
+    saved = flower.handlers, flower.propagate, flower.level
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    flower.handlers, flower.propagate = [handler], False
+    flower.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        handler.close()
+        flower.handlers, flower.propagate, _ = saved
+        flower.setLevel(saved[2])
+
+
 def simulate(
     spec: JobSpec, data: Path, num_nodes: int, work: Path, scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
     cpus_per_node: float = 1.0, on_round: Callable[[RoundResult], None] = lambda r: None,
 ) -> SimulationResult:
-    """Run ``spec`` with ``num_nodes`` virtual nodes on partitions of ``data`` written to ``work``."""
+    """Run ``spec`` with ``num_nodes`` virtual nodes on partitions of ``data`` written to ``work``
+    (with Flower's log, ``flower.log``)."""
     from flwr.app import ConfigRecord
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -231,7 +261,7 @@ def simulate(
                 metrics = evaluate(eval_model, eval_data, spec)
             now = time.monotonic()
             result = RoundResult(server_round, 0 if given_up else len(strategy.accepted), now - clock[0], metrics,
-                                 dict(Counter(strategy.errors)), given_up)
+                                 dict(Counter(_failure(e, work) for e in strategy.errors)), given_up)
             clock[0] = now
             rounds.append(result)
             on_round(result)
@@ -266,15 +296,16 @@ def simulate(
     memory = _PeakMemory()
     memory.start()
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                       backend_config=backend)
+        with _flower_log_to(work / FLOWER_LOG):
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                           backend_config=backend)
     finally:
         peak = memory.stop()
     if failure:
         raise failure[0]
     if len(rounds) != spec.training.rounds:
-        raise RuntimeError(f"the simulation ended after {len(rounds)} of {spec.training.rounds} rounds;"
-                           " Flower's log above says why")
+        raise FedtrainError(f"the simulation ended after {len(rounds)} of {spec.training.rounds} rounds;"
+                            f" {work / FLOWER_LOG} says why")
     # Nodes of equal size ran the same mechanism: one accountant call per distinct history.
     by_history = {h: epsilon(h, spec.privacy.delta) for h in {tuple(h) for h in history.values()}}
     spent = [by_history[tuple(h)] for h in history.values()] + [0.0] * (num_nodes - len(history))

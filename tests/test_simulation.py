@@ -63,3 +63,17 @@ def test_simulation_refuses_what_it_cannot_run(tmp_path):
     other_label = parse_job_spec({**spec.model_dump(mode="json"), "data": {"features": columns, "label": "y"}})
     with pytest.raises(SpecError, match="missing label column 'y'"):
         write_partitions(tmp_path / "train.csv", other_label, 3, tmp_path / "p")
+
+
+def test_failed_virtual_nodes_are_counted_by_reason(tmp_path):
+    """A job that no partition can run: every round is given up, and the one reason is named once."""
+    columns, _, test = write_shards(tmp_path, 1)
+    spec = parse_job_spec({**demo_spec(columns, test, rounds=2, epsilon=1.0).model_dump(mode="json"),
+                           "data": {"features": ["no such column"], "label": "malignant"},
+                           "evaluation": None, "round_retries": 0})
+    result = simulate(spec, tmp_path / "train.csv", 3, tmp_path / "work")
+    assert [r.nodes for r in result.rounds] == [0, 0] and all(r.given_up for r in result.rounds)
+    (reason, count), = result.rounds[0].failed.items()
+    assert count == 3 and reason.startswith("its partition: missing column(s) ['no such column']")
+    assert result.epsilon == [0.0, 0.0, 0.0]
+    assert "ClientAppException" in (tmp_path / "work" / "flower.log").read_text()
