@@ -213,7 +213,7 @@ def _flower_log_to(path: Path) -> Iterator[None]:
         yield
     finally:
         handler.close()
-        flower.handlers, flower.propagate, _ = saved
+        flower.handlers, flower.propagate = saved[:2]
         flower.setLevel(saved[2])
 
 
