@@ -74,12 +74,50 @@ class TextTable:
         return len(self.texts)
 
 
-def read_columns(path: str | Path, columns: list[str]) -> dict[str, list]:
-    """``columns`` of a local CSV, JSONL or Parquet file (chosen by its suffix)."""
-    path = Path(path)
+def data_format(path: Path) -> str:
+    """The suffix that says how a local data file is read: .csv, .jsonl (or .json) or .parquet."""
     suffix = path.suffix.lower()
     if not path.exists():
         raise SpecError(f"data file {path} does not exist")
+    if suffix not in (".csv", ".jsonl", ".json", ".parquet"):
+        raise SpecError(f"{path}: unknown data format {suffix!r}; use .csv, .jsonl or .parquet")
+    return suffix
+
+
+def read_arrow(path: Path):
+    """A whole local data file as a pyarrow table (``fedtrain simulate`` cuts it into partitions)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    readers = {".csv": pacsv.read_csv, ".jsonl": pajson.read_json, ".json": pajson.read_json,
+               ".parquet": pq.read_table}
+    suffix = data_format(path)
+    try:
+        return readers[suffix](path)
+    except pa.ArrowInvalid as err:
+        raise SpecError(f"{path} cannot be read as {suffix}: {err}") from None
+
+
+def write_arrow(table, path: Path) -> None:
+    """Write a pyarrow table in the format ``path``'s suffix names."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        pacsv.write_csv(table, path)
+    elif suffix == ".parquet":
+        pq.write_table(table, path)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+
+
+def read_columns(path: str | Path, columns: list[str]) -> dict[str, list]:
+    """``columns`` of a local CSV, JSONL or Parquet file (chosen by its suffix)."""
+    path = Path(path)
+    suffix = data_format(path)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -98,15 +136,13 @@ def read_columns(path: str | Path, columns: list[str]) -> dict[str, list]:
                     except json.JSONDecodeError as err:
                         raise SpecError(f"{path}, line {line}: not a JSON object ({err.msg})") from None
         header = sorted({k for r in rows if isinstance(r, dict) for k in r})
-    elif suffix == ".csv":
+    else:
         try:
             with path.open(newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 rows, header = list(reader), reader.fieldnames or []
         except UnicodeDecodeError as err:
             raise SpecError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8") from None
-    else:
-        raise SpecError(f"{path}: unknown data format {suffix!r}; use .csv, .jsonl or .parquet")
     missing = [c for c in columns if c not in header]
     if missing:
         raise SpecError(f"{path}: missing column(s) {missing}; the file has {header}")

@@ -30,39 +30,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtrain.client_app import app as node_app
+from fedtrain.data import read_arrow, write_arrow
 from fedtrain.errors import FedtrainError, SpecError
 from fedtrain.spec import JobSpec, TextDataSpec
 
 FLOWER_LOG = "flower.log"
 
 SCHEMES = ("iid", "dirichlet")
-
-
-def _read(path: Path):
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
-
-    readers = {".csv": pacsv.read_csv, ".jsonl": pajson.read_json, ".json": pajson.read_json,
-               ".parquet": pq.read_table}
-    if not path.exists():
-        raise SpecError(f"data file {path} does not exist")
-    if path.suffix.lower() not in readers:
-        raise SpecError(f"{path}: unknown data format {path.suffix!r}; use .csv, .jsonl or .parquet")
-    return readers[path.suffix.lower()](path)
-
-
-def _write(table, path: Path) -> None:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        pacsv.write_csv(table, path)
-    elif suffix == ".parquet":
-        pq.write_table(table, path)
-    else:
-        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
 
 
 def partition_rows(labels: list, num_nodes: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
@@ -104,7 +78,7 @@ def write_partitions(data: Path, spec: JobSpec, num_nodes: int, out: Path, schem
                      alpha: float = 0.5, seed: int = 0) -> list[int]:
     """Cut ``data`` into ``num_nodes`` files in ``out`` (``0.csv``, ``1.csv``, ...), in its own format;
     returns their sizes."""
-    table = _read(data)
+    table = read_arrow(data)
     label = spec.data.label
     if scheme == "dirichlet" and label is None:
         raise SpecError("a Dirichlet partition spreads each label over the nodes; this job's data has no label")
@@ -116,7 +90,7 @@ def write_partitions(data: Path, spec: JobSpec, num_nodes: int, out: Path, schem
     out.mkdir(parents=True, exist_ok=True)
     partitions = partition_rows(labels, num_nodes, scheme, alpha, seed, min_size)
     for i, rows in enumerate(partitions):
-        _write(table.take(rows), out / f"{i}{data.suffix.lower()}")
+        write_arrow(table.take(rows), out / f"{i}{data.suffix.lower()}")
     return [len(rows) for rows in partitions]
 
 
@@ -243,7 +217,6 @@ def simulate(
     eval_model = build_model(spec) if eval_data is not None else None
     rounds: list[RoundResult] = []
     history: dict[int, list[tuple[float, float, int]]] = {}
-    failure: list[BaseException] = []
     server_app = ServerApp()
 
     @server_app.main()
@@ -268,18 +241,14 @@ def simulate(
 
         config = ConfigRecord({"job-spec": spec.canonical_json(), "partition-dir": str(work / "partitions"),
                                "suffix": data.suffix.lower()})
-        try:
-            # The engine starts this app while it is still registering the virtual nodes; the first
-            # round would sample only those registered by then.
-            deadline = time.monotonic() + 300
-            while len(grid.get_node_ids()) < num_nodes:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {len(grid.get_node_ids())} of {num_nodes} virtual nodes came up")
-                time.sleep(0.05)
-            run_rounds(strategy, grid, spec, initial_state(spec), 1, after_round, config=config)
-        except BaseException as err:  # raised again by simulate(), whatever the engine makes of it
-            failure.append(err)
-            raise
+        # The engine starts this app while it is still registering the virtual nodes; the first
+        # round would sample only those registered by then.
+        deadline = time.monotonic() + 300
+        while len(grid.get_node_ids()) < num_nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(grid.get_node_ids())} of {num_nodes} virtual nodes came up")
+            time.sleep(0.05)
+        run_rounds(strategy, grid, spec, initial_state(spec), 1, after_round, config=config)
 
     backend = {
         # CPUs Ray reserves per virtual node in training. Flower's default of 2 trains one node at a
@@ -301,8 +270,6 @@ def simulate(
                            backend_config=backend)
     finally:
         peak = memory.stop()
-    if failure:
-        raise failure[0]
     if len(rounds) != spec.training.rounds:
         raise FedtrainError(f"the simulation ended after {len(rounds)} of {spec.training.rounds} rounds;"
                             f" {work / FLOWER_LOG} says why")

@@ -61,7 +61,7 @@ class Walkthrough:
         self.ran: set[str] = set()
         self.subs = {"coord.example.org": "127.0.0.1", "0.0.0.0": "127.0.0.1", "7443": "0"}
         self.env = {**os.environ, "COLUMNS": "200"}
-        self.operator_env: dict[str, str] = {}
+        self.exported: dict[Path, dict[str, str]] = {}  # by directory: each party's own shell
         self.procs: list[subprocess.Popen] = []
 
     def argv(self, prefix: str, subs: dict[str, str]) -> list[str]:
@@ -73,26 +73,27 @@ class Walkthrough:
             text = text.replace(old, new)
         return shlex.split(text)
 
-    def run(self, prefix: str, cwd: Path, subs: dict[str, str] | None = None) -> str:
+    def command(self, prefix: str, cwd: Path, subs: dict[str, str] | None) -> tuple[list[str], dict]:
+        """README's command as this machine runs it (`python -m fedtrain`), and its shell's environment."""
         argv = self.argv(prefix, subs or {})
-        env = {**self.env, **(self.operator_env if argv[1] == "job" else {})}
-        proc = subprocess.run([sys.executable, "-m", "fedtrain", *argv[1:]], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=180)
+        return [sys.executable, "-m", "fedtrain", *argv[1:]], {**self.env, **self.exported.get(cwd, {})}
+
+    def run(self, prefix: str, cwd: Path, subs: dict[str, str] | None = None) -> str:
+        argv, env = self.command(prefix, cwd, subs)
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, f"{' '.join(argv)}\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
 
     def spawn(self, prefix: str, cwd: Path, subs: dict[str, str] | None = None) -> subprocess.Popen:
-        argv = self.argv(prefix, subs or {})
-        log = (cwd / f"{argv[1]}.log").open("w")
-        proc = subprocess.Popen([sys.executable, "-m", "fedtrain", *argv[1:]], cwd=cwd, env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        argv, env = self.command(prefix, cwd, subs)
+        with (cwd / f"{argv[3]}.log").open("w") as log:  # node.log, coordinator.log
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.procs.append(proc)
         return proc
 
     def export(self, cwd: Path) -> None:
-        for assignment in self.argv("export ", {})[1:]:
-            key, value = assignment.split("=", 1)
-            self.operator_env[key] = str(cwd / value) if key == "FEDTRAIN_TLS_DIR" else value
+        self.exported[cwd] = dict(assignment.split("=", 1) for assignment in self.argv("export ", {})[1:])
 
     def stop(self) -> None:
         for proc in self.procs:

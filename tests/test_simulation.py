@@ -77,3 +77,14 @@ def test_failed_virtual_nodes_are_counted_by_reason(tmp_path):
     assert count == 3 and reason.startswith("its partition: missing column(s) ['no such column']")
     assert result.epsilon == [0.0, 0.0, 0.0]
     assert "ClientAppException" in (tmp_path / "work" / "flower.log").read_text()
+
+
+def test_a_table_that_cannot_be_read_is_named(tmp_path):
+    columns, _, test = write_shards(tmp_path, 1)
+    spec = demo_spec(columns, test, rounds=1, epsilon=1.0)
+    (tmp_path / "broken.jsonl").write_text('{"malignant": 1}\n{not json\n')
+    with pytest.raises(SpecError, match="broken.jsonl cannot be read as .jsonl"):
+        write_partitions(tmp_path / "broken.jsonl", spec, 3, tmp_path / "p")
+    with pytest.raises(SpecError, match="unknown data format '.xlsx'"):
+        (tmp_path / "t.xlsx").write_text("")
+        write_partitions(tmp_path / "t.xlsx", spec, 3, tmp_path / "p")
