@@ -43,7 +43,7 @@ from fedtrain.console import console
 from fedtrain.models import build_model, load_dataset, loss_fn, trainable_state
 from fedtrain.models.transformer import resolve_base, weight_files
 from fedtrain.privacy.accounting import RoundPlan
-from fedtrain.privacy.engine import train_private
+from fedtrain.privacy.engine import expected_batch_size, train_private
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import encode_arrays, encode_values
 from fedtrain.spec import JobSpec, parse_job_spec
@@ -70,7 +70,7 @@ def step_times(spec: JobSpec, data: TensorDataset, repeats: int) -> tuple[float,
         best_plain = min(best_plain, (time.perf_counter() - t) / steps)
         model = build_model(spec)
         t = time.perf_counter()
-        train_private(model, data, spec, plan)
+        train_private(model, data, spec, plan, expected_batch_size(plan, len(data)))
         best_dp = min(best_dp, (time.perf_counter() - t) / steps)
     return best_plain, best_dp
 
@@ -108,11 +108,12 @@ _NODE_ROUND = """
 import json, resource, sys
 from fedtrain.models import build_model, load_dataset
 from fedtrain.privacy.accounting import plan_round
-from fedtrain.privacy.engine import train_private
+from fedtrain.privacy.engine import expected_batch_size, train_private
 from fedtrain.spec import job_spec_from_json
 spec = job_spec_from_json(open(sys.argv[1]).read())
 data = load_dataset(sys.argv[2], spec)
-train_private(build_model(spec), data, spec, plan_round(spec, len(data)))
+plan = plan_round(spec, len(data))
+train_private(build_model(spec), data, spec, plan, expected_batch_size(plan, len(data)))
 print(json.dumps({"max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 

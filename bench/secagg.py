@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedtrain import tls
 from fedtrain.models import build_model, trainable_state
 from fedtrain.privacy.accounting import RoundPlan
-from fedtrain.privacy.engine import train_private
+from fedtrain.privacy.engine import expected_batch_size, train_private
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import decode_arrays, encode_arrays, encode_values
 from fedtrain.secagg.encoding import MASKED_TENSOR, encode
 from fedtrain.secagg.node import SecAggNode
+from fedtrain.secagg.peers import PeerAuth
 from fedtrain.secagg.server import SecAggServer
 from fedtrain.spec import SecureAggregationSpec, parse_job_spec
 
@@ -52,7 +56,8 @@ def local_training_seconds(spec) -> tuple[float, dict[str, np.ndarray]]:
     for _ in range(2):
         model = build_model(spec)
         t = time.perf_counter()
-        train_private(model, data, spec, RoundPlan(noise_multiplier=1.0, sample_rate=1 / 16, steps=16))
+        plan = RoundPlan(noise_multiplier=1.0, sample_rate=1 / 16, steps=16)
+        train_private(model, data, spec, plan, expected_batch_size(plan, len(data)))
         best = min(best, time.perf_counter() - t)
         update = trainable_state(model)
     return best, update
@@ -87,7 +92,15 @@ def plain_round(updates: list[dict[str, np.ndarray]], weights: list[int]) -> Cos
     return Cost(max(node_times) + time.perf_counter() - t, float(np.mean(sizes)))
 
 
-def secure_round(updates: list[dict[str, np.ndarray]], weights: list[int], dropped: int) -> Cost:
+def node_identities(root: Path, n: int) -> dict[int, tls.Identity]:
+    """A consortium CA and a node certificate for each of ``n`` nodes: nodes sign their keys and
+    check their peers' (``fedtrain.secagg.peers``), which is part of the protocol's cost."""
+    tls.init_ca(root / "ca")
+    return {i: tls.issue(root / "ca", "node", f"bench-{i}", root / f"node-{i}") for i in range(1, n + 1)}
+
+
+def secure_round(updates: list[dict[str, np.ndarray]], weights: list[int], dropped: int,
+                 identities: dict[int, tls.Identity]) -> Cost:
     n = len(updates)
     ids = list(range(1, n + 1))
     length = 1 + sum(v.size for v in updates[0].values())
@@ -120,10 +133,10 @@ def secure_round(updates: list[dict[str, np.ndarray]], weights: list[int], dropp
     t = time.perf_counter()
     server = SecAggServer("bench", 1, ids, SecureAggregationSpec(), length, CLIP, rng=random.Random(0))
     critical += time.perf_counter() - t
-    nodes = {i: SecAggNode("bench", 1, i) for i in ids}
+    nodes = {i: SecAggNode("bench", 1, i, PeerAuth(identities[i])) for i in ids}
     leavers = set(random.Random(1).sample(ids, dropped))
     stage(server.setup_requests(), lambda i, r: reply(i, keys=nodes[i].setup(r)),
-          lambda i, h: server.add_keys(i, h.secagg.keys))
+          lambda i, h: server.add_keys(i, h.secagg.keys, identities[i].fingerprint))
     stage(server.share_keys_requests(), lambda i, r: reply(i, shares=nodes[i].share_keys(r)),
           lambda i, h: server.add_shares(i, h.secagg.shares))
 
@@ -159,6 +172,8 @@ def run(sizes=(5, 10, 25, 50), dropout=(0.0, 0.1)) -> list[dict]:
     start = trainable_state(build_model(spec))
     change = {k: (update[k] - start[k]).astype(np.float32) for k in update}
     rows = []
+    scratch = tempfile.TemporaryDirectory()
+    identities = node_identities(Path(scratch.name), max(sizes))
     for n in sizes:
         # Each node's update: the measured DP update plus node-specific noise of the same size.
         updates = [{k: v + rng.normal(0, float(v.std()), v.shape).astype(np.float32) for k, v in change.items()}
@@ -167,11 +182,12 @@ def run(sizes=(5, 10, 25, 50), dropout=(0.0, 0.1)) -> list[dict]:
         for rate in dropout:
             dropped = math.ceil(rate * n)
             plain = plain_round(updates[: n - dropped], weights[: n - dropped])
-            secure = secure_round(updates, weights, dropped)
+            secure = secure_round(updates, weights, dropped, identities)
             rows.append({
                 "nodes": n, "dropped": dropped, "params": params, "training_s": training,
                 "plain_s": training + plain.seconds, "secure_s": training + secure.seconds,
                 "plain_protocol_s": plain.seconds, "secure_protocol_s": secure.seconds,
                 "plain_bytes": plain.upload, "secure_bytes": secure.upload,
             })
+    scratch.cleanup()
     return rows

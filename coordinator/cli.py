@@ -7,6 +7,7 @@ coordinator (SQLite allows it): a revocation takes effect at the node's next req
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -37,6 +38,9 @@ def start(
     port: int = typer.Option(7443, help="Port to listen on; 0 picks a free one."),
     tls_dir: Path = TLS_DIR,
     insecure: bool = INSECURE,
+    eval_dir: Path | None = typer.Option(None, "--eval-dir", exists=True, file_okay=False,
+                                  help="The only directory whose tables a job's evaluation.data may name"
+                                       " [default: STATE_DIR/eval]."),
 ) -> None:
     """Start the coordinator and serve until SIGINT/SIGTERM.
 
@@ -46,10 +50,11 @@ def start(
     """
     from coordinator.service import serve
 
+    os.umask(0o077)  # all that this process writes (state, reports) is its owner's only
     identity = identity_option(tls_dir, insecure, "coordinator")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s", force=True)
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
-    server, bound, coord = serve(state_dir, host, port, identity=identity)
+    server, bound, coord = serve(state_dir, host, port, identity=identity, eval_dir=eval_dir)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

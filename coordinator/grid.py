@@ -8,6 +8,8 @@ upload. The strategy loop runs unchanged on top.
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 import time
 import uuid
@@ -20,10 +22,13 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedtrain.client_app import arrays_to_numpy
+from fedtrain.protocol.records import RESULT_METRICS, arrays_to_numpy
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.errors import WireError
+from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.protocol.codec import Manifest, decode_values, manifest_of, require_finite
+from fedtrain.robust import check_plan, update_bound
+from fedtrain.spec import JobSpec, job_spec_from_json
 from coordinator.store import Store
 
 # A node counts as connected while it has polled within this many seconds.
@@ -51,12 +56,29 @@ class Task:
     secagg: pb.SecAggRequest | None = None
 
 
-def check_update(header: pb.ResultHeader, arrays: dict[str, np.ndarray]) -> None:
-    """What a result in the clear must be: finite tensors, and the example count FedAvg weighs by."""
+def check_update(spec: JobSpec, sent: dict[str, np.ndarray], header: pb.ResultHeader,
+                 arrays: dict[str, np.ndarray]) -> None:
+    """What a result in the clear must be: exactly the metrics a node sends, among them the
+    example count FedAvg weighs by and the job's DP plan, and finite tensors that differ
+    from ``sent`` (the global model the node was sent) by no more than that plan allows."""
     require_finite(arrays)
-    examples = decode_values(header.metrics).get("num-examples")
-    if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
-        raise WireError("metrics must include a positive integer 'num-examples'")
+    metrics = decode_values(header.metrics)
+    if metrics.keys() != RESULT_METRICS.keys():
+        raise WireError(f"metrics must be exactly {sorted(RESULT_METRICS)}, not {sorted(metrics)}")
+    for key, kind in RESULT_METRICS.items():
+        value = metrics[key]
+        # type(), not isinstance(): a bool is an int, and neither is a float here.
+        if type(value) is not kind or (kind is float and not math.isfinite(value)):
+            raise WireError(f"metric {key!r} must be a finite {kind.__name__}, not {value!r}")
+    if metrics["num-examples"] < 1:
+        raise WireError("metric 'num-examples' must be positive")
+    plan = RoundPlan(metrics["noise-multiplier"], metrics["sample-rate"], metrics["steps"])
+    check_plan(spec, plan)
+    bound = update_bound(spec, plan, sum(a.size for a in sent.values()))
+    norm = math.sqrt(sum(np.sum(np.square(arrays[k].astype(np.float64) - sent[k])) for k in sent))
+    if not norm <= bound:
+        raise WireError(f"the update moves the global model by {norm:.4g} (L2 norm), more than the bound of"
+                        f" {bound:.4g} that one round of its DP plan can (fedtrain.robust.update_bound)")
 
 
 class Mailbox:
@@ -144,6 +166,10 @@ class NetworkGrid(Grid):
         # Runs a training round with secure aggregation instead of in the clear (set by the runner).
         self.secure: Callable[[list[Message], float | None], list[Message]] | None = None
 
+    @functools.cached_property
+    def spec(self) -> JobSpec:
+        return job_spec_from_json(self.store.job(self.job_id).spec_json)
+
     def set_run(self, run: Run) -> None:
         self._run = run
 
@@ -186,7 +212,8 @@ class NetworkGrid(Grid):
         ids = []
         for msg in messages:
             arrays = arrays_to_numpy(msg.content["arrays"])
-            ids.append(self.post(msg, arrays, expect=manifest_of(arrays), accept=check_update))
+            ids.append(self.post(msg, arrays, expect=manifest_of(arrays),
+                                 accept=functools.partial(check_update, self.spec, arrays)))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

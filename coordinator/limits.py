@@ -1,4 +1,4 @@
-"""Per-caller rate limits on the coordinator's node RPCs (token buckets).
+"""Per-caller limits on the coordinator's node RPCs: rates (token buckets) and open long polls.
 
 A node that floods the coordinator is answered RESOURCE_EXHAUSTED and the others go on:
 each caller has its own bucket. Well-behaved agents stay far below the limits: they
@@ -30,3 +30,28 @@ class RateLimiter:
                 return False
             self._buckets[key] = (tokens - 1, now)
             return True
+
+
+class ConcurrencyLimit:
+    """At most ``limit`` calls in flight per caller: a long poll holds a server thread for its
+    whole wait, so one node's parallel polls could hold them all."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open: dict[Hashable, int] = {}
+
+    def acquire(self, key: Hashable) -> bool:
+        """Count one more call of ``key``'s; False (and nothing counted) when it has ``limit`` open."""
+        with self._lock:
+            n = self._open.get(key, 0)
+            if n >= self.limit:
+                return False
+            self._open[key] = n + 1
+            return True
+
+    def release(self, key: Hashable) -> None:
+        with self._lock:
+            n = self._open.pop(key) - 1
+            if n:
+                self._open[key] = n

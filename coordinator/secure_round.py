@@ -4,7 +4,8 @@ The Flower strategy asks the grid for a round of "train" replies; with secure
 aggregation the grid runs the four SecAgg+ stages of ``fedtrain.secagg`` instead and
 hands the strategy a single reply: the weighted average of the updates, which is
 all the coordinator ever learns. Flower's own SecAgg+ workflow hands its legacy
-strategies the aggregate the same way.
+strategies the aggregate the same way. A round whose sum no honest nodes can send
+(``encoding.check_sum``) is given up like a failed one: the global model stays.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import threading
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
+from fedtrain.protocol.records import arrays_to_numpy, numpy_to_arrays
 from fedtrain.errors import SecAggError, WireError
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import manifest_of
 from fedtrain.rounds import AGGREGATED_NODES
-from fedtrain.secagg.encoding import MASKED_TENSOR, clip_range, masked_manifest, unflatten, vector_length
+from fedtrain.secagg.encoding import (
+    MASKED_TENSOR, ImpossibleAggregate, clip_range, masked_manifest, unflatten, vector_length,
+)
 from fedtrain.secagg.server import SecAggServer
 from fedtrain.spec import JobSpec
 from coordinator.grid import NetworkGrid
@@ -47,6 +50,10 @@ def secure_round(grid: NetworkGrid, spec: JobSpec, messages: list[Message], time
     settings = spec.secure_aggregation
     lock = threading.Lock()  # answers arrive on the RPC threads
 
+    def enrolled(node: int) -> str | None:
+        row = grid.store.node(node)
+        return row.fingerprint if row is not None else None
+
     def stage(name: str, requests: dict, take, wait: float | None, train: bool = False) -> None:
         """Send one stage's requests and wait for the answers, which ``take`` checks and keeps."""
         ids = set()
@@ -69,7 +76,7 @@ def secure_round(grid: NetworkGrid, spec: JobSpec, messages: list[Message], time
     try:
         server = SecAggServer(grid.job_id, server_round, by_node, settings, vector_length(manifest), clip_range(spec))
         stage("setup", server.setup_requests(),
-              lambda n, h, a: server.add_keys(n, _answer(h, "keys")), settings.stage_timeout)
+              lambda n, h, a: server.add_keys(n, _answer(h, "keys"), enrolled(n)), settings.stage_timeout)
         with lock:  # each stage's requests freeze who took part in the stage before
             requests = server.share_keys_requests()
         stage("share_keys", requests,
@@ -86,6 +93,10 @@ def secure_round(grid: NetworkGrid, spec: JobSpec, messages: list[Message], time
     except SecAggError as err:
         reason = f"secure aggregation failed: {err}"
         log.warning("job %s round %d: %s", grid.job_id, server_round, reason)
+        if isinstance(err, ImpossibleAggregate):
+            # The masks hide which node forged its vector: each contributor's result shows the rejection.
+            for node in server.u3 or ():
+                grid.store.record_node_round(grid.job_id, server_round, node, {}, f"rejected: {reason}", 0)
         return [Message(Error(code=SECAGG_FAILED, reason=reason), reply_to=m) for m in messages]
     average = unflatten(total.update / total.weight, manifest)
     updated = {name: (current[name] + average[name]).astype(current[name].dtype) for name in current}

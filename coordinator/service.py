@@ -3,9 +3,11 @@ plus the standard health and reflection services."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from torch.utils.data import TensorDataset
 
-from fedtrain.client_app import numpy_to_arrays
+from fedtrain.protocol.records import numpy_to_arrays
 from fedtrain.errors import FedtrainError, WireError
 from fedtrain.models import initial_state, load_dataset
 from fedtrain.protocol import fedtrain_pb2 as pb
@@ -27,9 +29,10 @@ from fedtrain.protocol.codec import (
 )
 from fedtrain.report import REPORT_HTML, write_report
 from fedtrain.spec import JobSpec, job_spec_from_json
+from fedtrain.storage import private_dir
 from fedtrain.tls import Identity, fingerprint, peer_certificate, role_and_name
 from coordinator.grid import Mailbox
-from coordinator.limits import RateLimiter
+from coordinator.limits import ConcurrencyLimit, RateLimiter
 from coordinator.runner import JobRunner
 from coordinator.store import EnrollmentError, Store
 
@@ -39,6 +42,12 @@ MAX_POLL_SECONDS = 30.0
 # Node RPCs per second per node (and per peer address for unregistered callers), and burst.
 RATE_PER_SECOND = 50.0
 RATE_BURST = 200
+# Open long polls per node: an agent keeps one, and one more covers its restart.
+MAX_POLLS_PER_NODE = 2
+# Threads of the operators' service, apart from the nodes' pool.
+OPERATOR_WORKERS = 8
+# Characters of a node's free text (refusal reasons) that are logged and stored.
+MAX_NODE_TEXT = 500
 _DECISIONS = {
     pb.OfferAnswer.ACCEPTED: "accepted",
     pb.OfferAnswer.REFUSED: "refused",
@@ -51,16 +60,19 @@ REFUSAL_CODE = 100
 class Coordinator:
     """State shared by both services: the store, the mailbox and the running jobs."""
 
-    def __init__(self, state_dir: Path, identity: Identity | None = None):
-        state_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, state_dir: Path, identity: Identity | None = None, eval_dir: Path | None = None):
+        private_dir(state_dir)
         # With an identity the coordinator speaks mutual TLS only, and knows nodes by certificate.
         self.identity = identity
         self.store = Store(state_dir / "coordinator.db")
-        self.reports = state_dir / "reports"  # one directory per ended job
+        self.reports = private_dir(state_dir / "reports")  # one directory per ended job
+        # The only files a job's evaluation.data may name.
+        self.eval_dir = private_dir(state_dir / "eval") if eval_dir is None else eval_dir
         self.mailbox = Mailbox()
         self.runners: dict[str, JobRunner] = {}
         # Per node id for registered nodes, per peer address for Register.
         self.limits = RateLimiter(per_second=RATE_PER_SECOND, burst=RATE_BURST)
+        self.polls = ConcurrencyLimit(MAX_POLLS_PER_NODE)
         # Flower stamps messages with a process-wide task identity; the coordinator plays
         # the server's role in every job.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
@@ -71,7 +83,7 @@ class Coordinator:
         for job in self.store.active_jobs():
             spec = job_spec_from_json(job.spec_json)
             try:
-                eval_data = load_dataset(spec.evaluation.data, spec) if spec.evaluation else None
+                eval_data = self.evaluation_data(spec)
             except FedtrainError as err:
                 self.store.set_job_state(job.id, "failed", f"cannot resume: {err}")
                 continue
@@ -93,17 +105,40 @@ class Coordinator:
         # Build the starting model (which checks a transformer base against the job's hash)
         # and read the evaluation data before storing anything: a bad job stores nothing.
         initial = initial_state(spec)
-        eval_data = load_dataset(spec.evaluation.data, spec) if spec.evaluation else None
+        eval_data = self.evaluation_data(spec)
         job_id = self.store.create_job(spec.name, spec.canonical_json())
         self._start(job_id, spec, eval_data, initial)
         return job_id
+
+    def evaluation_data(self, spec: JobSpec) -> TensorDataset | None:
+        """The job's evaluation table, from the evaluation directory only (symlinks and ``..``
+        resolved first). Errors name the path as the job gave it, never what a file holds: the
+        operator who submits a job may not read the coordinator's disk through them."""
+        if spec.evaluation is None:
+            return None
+        name = spec.evaluation.data
+        try:
+            root = self.eval_dir.resolve()
+            path = (root / name).resolve()
+            found = path.is_relative_to(root) and path.is_file()
+        except (OSError, ValueError):  # e.g. a name too long, or with a NUL byte
+            found = False
+        if not found:
+            raise FedtrainError(f"evaluation.data {name[:200]!r} is not a file in the coordinator's evaluation"
+                                " directory (`fedtrain coordinator start --eval-dir`)")
+        try:
+            return load_dataset(path, spec)
+        except Exception as err:  # whatever the reader raises may quote the file
+            log.warning("evaluation table %s cannot be read for job %s (%s)", path, spec.name, type(err).__name__)
+            raise FedtrainError(f"evaluation.data {name[:200]!r} cannot be read as this job's evaluation table:"
+                                " check its format, columns and labels") from None
 
     def write_report(self, job_id: str, state: str, error: str) -> None:
         """The report of a job that has just ended in ``state``."""
         status = self.job_status(job_id)
         status.state, status.error = state, error
         try:
-            path = write_report(status, self.reports / job_id)
+            path = write_report(status, private_dir(self.reports / job_id))
         except Exception:  # a report that cannot be written costs the report, not the job
             log.exception("job %s: cannot write its report", job_id)
             return
@@ -141,6 +176,13 @@ def _limit(coord: Coordinator, key, who: str, context: grpc.ServicerContext) -> 
         log.warning("rate limit: %s exceeds %g requests/s", who, RATE_PER_SECOND)
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"{who} sends more than {RATE_PER_SECOND:g} requests per second; slow down and retry")
+
+
+def _bounded(text: str) -> str:
+    """A node's free text as the coordinator logs and stores it: one node cannot grow either
+    by megabytes a message."""
+    cut = len(text) - MAX_NODE_TEXT
+    return text if cut <= 0 else f"{text[:MAX_NODE_TEXT]}… ({cut} characters cut)"
 
 
 def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
@@ -195,7 +237,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             )
         name = request.name
         if not (0 < len(name) <= 128 and name.replace("-", "").replace("_", "").replace(".", "").isalnum()):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node name {name!r} must be 1-128 of [A-Za-z0-9_.-]")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node name {name[:128]!r} must be 1-128 of [A-Za-z0-9_.-]")
         cert = _certificate(self.c, context, "node")
         if cert is None:
             node_id = self.c.store.register_node(name)
@@ -221,6 +263,15 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollReply:
         _known_node(self.c, request.node_id, context)
+        if not self.c.polls.acquire(request.node_id):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"node {request.node_id} already has"
+                          f" {MAX_POLLS_PER_NODE} polls open; poll again when one has returned")
+        try:
+            return self._poll(request, context)
+        finally:
+            self.c.polls.release(request.node_id)
+
+    def _poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollReply:
         wait = request.wait_seconds if math.isfinite(request.wait_seconds) else 0.0
         deadline = time.monotonic() + min(max(wait, 0.0), MAX_POLL_SECONDS)
         while True:
@@ -248,8 +299,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         decision = _DECISIONS.get(request.decision)
         if decision is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "decision must be ACCEPTED, REFUSED or PENDING_APPROVAL")
-        self.c.store.set_decision(request.job_id, request.node_id, decision, request.reason[:2000])
-        log.info("node %s: %s job %s (%s)", name, decision, request.job_id, request.reason)
+        reason = _bounded(request.reason)
+        self.c.store.set_decision(request.job_id, request.node_id, decision, reason)
+        log.info("node %s: %s job %s (%r)", name, decision, request.job_id, reason)
         return pb.Ack()
 
     def FetchArrays(self, request: pb.FetchRequest, context: grpc.ServicerContext):
@@ -273,10 +325,11 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             )
         metrics: dict = {}
         nbytes = first.ByteSize()
+        refusal = _bounded(header.refusal)
         try:
             metrics = decode_values(header.metrics)
-            if header.refusal:
-                reply = Message(Error(code=REFUSAL_CODE, reason=header.refusal), reply_to=task.message)
+            if refusal:
+                reply = Message(Error(code=REFUSAL_CODE, reason=refusal), reply_to=task.message)
             else:
                 chunks = []
                 for part in request_iterator:
@@ -294,21 +347,34 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 )
         except WireError as err:
             # The round goes on without this node; the node learns exactly what was wrong.
-            refusal = f"rejected by coordinator: {err}"
-            self.c.store.record_node_round(task.job_id, task.round, header.node_id, metrics, refusal, nbytes)
-            self.c.mailbox.reply(task.task_id, Message(Error(code=REFUSAL_CODE, reason=refusal), reply_to=task.message))
+            rejected = _bounded(f"rejected by coordinator: {err}")
+            self.c.store.record_node_round(task.job_id, task.round, header.node_id, metrics, rejected, nbytes)
+            self.c.mailbox.reply(task.task_id, Message(Error(code=REFUSAL_CODE, reason=rejected), reply_to=task.message))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if not self.c.mailbox.reply(task.task_id, reply):
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"task {task.task_id} already has a result")
-        self.c.store.record_node_round(task.job_id, task.round, header.node_id, metrics, header.refusal, nbytes)
+        self.c.store.record_node_round(task.job_id, task.round, header.node_id, metrics, refusal, nbytes)
         return pb.Ack()
 
 
-class JobServicer(pb_grpc.JobServiceServicer):
-    """The operators' service; over mutual TLS each method first checks for an operator certificate."""
+def _in_pool(method: Callable, pool: futures.ThreadPoolExecutor) -> Callable:
+    """``method`` as a handler that grpcio runs on ``pool`` rather than on the server's own."""
+    handler = functools.partial(method)
+    handler.experimental_thread_pool = pool  # grpcio's per-method thread pool
+    return handler
 
-    def __init__(self, coord: Coordinator):
+
+class JobServicer(pb_grpc.JobServiceServicer):
+    """The operators' service; over mutual TLS each method first checks for an operator certificate.
+
+    It runs on its own ``pool``: nodes that hold every thread of the server's pool in long
+    polls cannot keep `job status` waiting.
+    """
+
+    def __init__(self, coord: Coordinator, pool: futures.ThreadPoolExecutor):
         self.c = coord
+        for name in ("SubmitJob", "GetJob", "ListJobs", "FetchModel"):
+            setattr(self, name, _in_pool(getattr(self, name), pool))
 
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.SubmitJobReply:
         _certificate(self.c, context, "operator")
@@ -341,16 +407,18 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
 
 def serve(state_dir: Path, host: str = "127.0.0.1", port: int = 0, workers: int = 32,
-          identity: Identity | None = None) -> tuple[grpc.Server, int, Coordinator]:
+          identity: Identity | None = None, eval_dir: Path | None = None) -> tuple[grpc.Server, int, Coordinator]:
     """Start the coordinator; returns the server, the bound port and the shared state.
 
     With ``identity`` it serves mutual TLS only; without, plaintext (``--insecure``).
+    ``eval_dir`` holds the tables jobs may evaluate on (default: ``state_dir/eval``).
     """
-    coord = Coordinator(state_dir, identity)
+    coord = Coordinator(state_dir, identity, eval_dir)
     # Each connected node holds one worker during its long poll: size the pool for the consortium.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
+    operators = futures.ThreadPoolExecutor(max_workers=OPERATOR_WORKERS, thread_name_prefix="operator")
     pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(coord), server)
-    pb_grpc.add_JobServiceServicer_to_server(JobServicer(coord), server)
+    pb_grpc.add_JobServiceServicer_to_server(JobServicer(coord, operators), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("NodeService", "JobService")]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtrain.protocol.codec import TensorInfo
+from fedtrain.storage import restrict, write_private
 
 GENESIS = "0" * 64
 
@@ -45,6 +46,8 @@ class AuditLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.head_path = self.path.with_name(self.path.name + ".head")
+        for path in (self.path, self.head_path):  # as an earlier version left them
+            restrict(path)
         self._seq, self._prev = self._read_head()
 
     def _read_head(self) -> tuple[int, str]:
@@ -82,15 +85,13 @@ class AuditLog:
         }
         line = json.dumps(entry, sort_keys=True)
         # Appended and fsynced before the message is handed to the network; the head
-        # follows, replaced atomically.
-        with self.path.open("a") as f:
+        # follows, replaced atomically. Both are the owner's only: they name every job.
+        with os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
         self._seq, self._prev = entry["seq"], _line_hash(line)
-        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
-        tmp.write_text(json.dumps({"entries": self._seq, "hash": self._prev}))
-        os.replace(tmp, self.head_path)
+        write_private(self.head_path, json.dumps({"entries": self._seq, "hash": self._prev}).encode(), fsync=False)
 
     def entries(self) -> Iterator[dict[str, Any]]:
         if not self.path.exists():

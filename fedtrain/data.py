@@ -22,38 +22,81 @@ class Table:
         return len(self.labels)
 
 
-def load_table(path: str | Path, spec: DataSpec, num_classes: int) -> Table:
-    """Read ``spec``'s columns from a CSV file, with errors that name the bad cell."""
+class DataCheck:
+    """What reading a node's data for a job found wrong, for its owner's eyes only.
+
+    A node reads its data with one of these (the coordinator and the tools read theirs
+    strictly, where the first problem raises): bad rows are skipped and an unreadable
+    file reads as no rows, so that nothing the node does next, and nothing it sends,
+    depends on what is wrong with its data. Skipping a row depends on that row alone,
+    which keeps DP's one-row sensitivity. The problems go to the node's local log and
+    to ``fedtrain node jobs --show``, never to the coordinator.
+    """
+
+    KEPT = 20  # problems kept verbatim; the rest are counted
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.count = 0
+
+    def add(self, problem: str) -> None:
+        self.count += 1
+        if len(self.problems) < self.KEPT:
+            self.problems.append(problem)
+
+    def summary(self) -> str:
+        more = f" (and {self.count - len(self.problems)} more)" if self.count > len(self.problems) else ""
+        return "; ".join(self.problems) + more
+
+
+def _problem(check: DataCheck | None, message: str) -> None:
+    """Raise (strict reading) or note and go on (a node reading its own data)."""
+    if check is None:
+        raise SpecError(message)
+    check.add(message)
+
+
+def load_table(path: str | Path, spec: DataSpec, num_classes: int, check: DataCheck | None = None) -> Table:
+    """Read ``spec``'s columns from a CSV file and scale them with the spec's public constants.
+
+    Without ``check`` the first problem raises, naming the bad cell; with it, bad rows are skipped.
+    """
     path = Path(path)
+    xs: list[list[float]] = []
+    ys: list[int] = []
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in [*spec.features, spec.label] if c not in header]
             if missing:
-                raise SpecError(f"{path}: missing column(s) {missing}; the file has {header}")
-            xs, ys = [], []
+                _problem(check, f"{path}: missing column(s) {missing}; the file has {header}")
+                reader = iter(())
             for line, row in enumerate(reader, start=2):
                 try:
-                    xs.append([float(row[c]) for c in spec.features])
+                    x = [float(row[c]) for c in spec.features]
                     label = float(row[spec.label])
                 except (TypeError, ValueError):
-                    raise SpecError(f"{path}, line {line}: a feature or label is not a number") from None
+                    _problem(check, f"{path}, line {line}: a feature or label is not a number")
+                    continue
+                if not np.isfinite(x).all():
+                    _problem(check, f"{path}, line {line}: a feature is NaN or infinite")
+                    continue
                 if not label.is_integer() or not 0 <= label < num_classes:
-                    raise SpecError(
-                        f"{path}, line {line}: label {row[spec.label]!r} is not a class index in 0..{num_classes - 1}"
-                    )
+                    _problem(check, f"{path}, line {line}: label {row[spec.label]!r} is not a class index"
+                                    f" in 0..{num_classes - 1}")
+                    continue
+                xs.append(x)
                 ys.append(int(label))
     except FileNotFoundError:
-        raise SpecError(f"data file {path} does not exist") from None
-    if not ys:
+        _problem(check, f"data file {path} does not exist")
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        _problem(check, f"{path} cannot be read as CSV: {err}")
+    if not ys and check is None:
         raise SpecError(f"{path} has no rows")
-    features = np.asarray(xs, dtype=np.float32)
-    if not np.isfinite(features).all():
-        raise SpecError(f"{path}: features contain NaN or infinite values")
-    if spec.standardize:
-        std = features.std(axis=0)
-        features = (features - features.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    features = np.asarray(xs, dtype=np.float32).reshape(len(ys), len(spec.features))
+    if spec.scaling is not None:
+        features = (features - np.asarray(spec.scaling.mean)) / np.asarray(spec.scaling.std)
     return Table(features=features.astype(np.float32), labels=np.asarray(ys, dtype=np.int64))
 
 
@@ -149,24 +192,30 @@ def read_columns(path: str | Path, columns: list[str]) -> dict[str, list]:
     return {c: [r.get(c) if isinstance(r, dict) else None for r in rows] for c in columns}
 
 
-def load_text(path: str | Path, spec: TextDataSpec) -> TextTable:
-    """Read the text (and label) column of a node's local file, naming the first bad row."""
-    columns = read_columns(path, [spec.text] + ([spec.label] if spec.label else []))
-    texts = columns[spec.text]
-    if not texts:
-        raise SpecError(f"{path} has no rows")
-    for row, t in enumerate(texts, start=1):
+def load_text(path: str | Path, spec: TextDataSpec, check: DataCheck | None = None) -> TextTable:
+    """Read the text (and label) column of a local file; without ``check`` the first bad row
+    raises, with it bad rows are skipped."""
+    try:
+        columns = read_columns(path, [spec.text] + ([spec.label] if spec.label else []))
+    except (SpecError, OSError, ValueError) as err:  # ValueError: e.g. pyarrow's ArrowInvalid
+        _problem(check, str(err) if isinstance(err, SpecError) else f"{path} cannot be read: {err}")
+        columns = {spec.text: [], spec.label: []}
+    index = {c: i for i, c in enumerate(spec.classes or [])}
+    labels = columns.get(spec.label) if spec.label is not None else None
+    texts, ys = [], []
+    for row, t in enumerate(columns[spec.text], start=1):
         if not isinstance(t, str) or not t.strip():
-            raise SpecError(f"{path}, row {row}: column {spec.text!r} is empty or not text")
-    labels = None
-    if spec.label is not None:
-        index = {c: i for i, c in enumerate(spec.classes)}
-        ys = []
-        for row, value in enumerate(columns[spec.label], start=1):
+            _problem(check, f"{path}, row {row}: column {spec.text!r} is empty or not text")
+            continue
+        if labels is not None:
             # CSV gives strings, JSONL and Parquet may give numbers: compare as text.
-            key = str(value)
+            key = str(labels[row - 1])
             if key not in index:
-                raise SpecError(f"{path}, row {row}: label {value!r} is not one of the job's classes {spec.classes}")
+                _problem(check, f"{path}, row {row}: label {labels[row - 1]!r} is not one of the job's classes"
+                                f" {spec.classes}")
+                continue
             ys.append(index[key])
-        labels = np.asarray(ys, dtype=np.int64)
-    return TextTable(texts=list(texts), labels=labels)
+        texts.append(t)
+    if not texts and check is None:
+        raise SpecError(f"{path} has no rows")
+    return TextTable(texts=texts, labels=None if labels is None else np.asarray(ys, dtype=np.int64))

@@ -6,6 +6,7 @@ ships the data set).
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from fedtrain.cli import follow, status_table
 from fedtrain.console import console
-from fedtrain.data import load_table, write_table
+from fedtrain.data import load_table, read_arrow, write_table
 from fedtrain.errors import FedtrainError
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.launch import LocalConsortium
@@ -54,11 +55,22 @@ def write_shards(out: Path, num_nodes: int, seed: int = 0) -> tuple[list[str], l
     return columns, shards, test
 
 
+def public_scaling(reference: Path, columns: list[str]) -> dict[str, list[float]]:
+    """Scaling constants from the consortium's own reference table (here its evaluation set),
+    never from a node's rows: they go into the spec, where every node and the owner see them."""
+    with reference.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    x = np.array([[float(r[c]) for c in columns] for r in rows])
+    std = x.std(axis=0)
+    return {"mean": [round(float(v), 6) for v in x.mean(axis=0)],
+            "std": [round(float(v), 6) if v > 0 else 1.0 for v in std]}
+
+
 def demo_spec(columns: list[str], test: Path, rounds: int, epsilon: float) -> JobSpec:
     return parse_job_spec({
         "name": "breast-cancer-fedavg",
         "model": {"kind": "logistic", "num_classes": 2},
-        "data": {"features": columns, "label": LABEL, "standardize": True},
+        "data": {"features": columns, "label": LABEL, "scaling": public_scaling(test, columns)},
         "training": {"rounds": rounds, "local_epochs": 2, "batch_size": 64, "learning_rate": 0.5},
         "privacy": {"epsilon": epsilon, "delta": 1e-5, "max_grad_norm": 1.0},
         "min_nodes": len(NODES),
@@ -70,14 +82,9 @@ def demo_spec(columns: list[str], test: Path, rounds: int, epsilon: float) -> Jo
 
 def centralized_baseline(spec: JobSpec, shards: list[Path], test: Path) -> dict[str, float]:
     """The same model trained without DP on the union of the shards, for as many epochs."""
-    tables = [load_table(p, spec.data.model_copy(update={"standardize": False}), spec.model.num_classes)
-              for p in shards]
-    features = np.concatenate([t.features for t in tables])
-    std = features.std(axis=0)
-    union = TensorDataset(
-        torch.from_numpy(((features - features.mean(axis=0)) / np.where(std > 0, std, 1)).astype(np.float32)),
-        torch.from_numpy(np.concatenate([t.labels for t in tables])),
-    )
+    tables = [load_table(p, spec.data, spec.model.num_classes) for p in shards]
+    union = TensorDataset(torch.from_numpy(np.concatenate([t.features for t in tables])),
+                          torch.from_numpy(np.concatenate([t.labels for t in tables])))
     return train_centrally(spec, union, test)
 
 
@@ -120,19 +127,24 @@ def run_local_job(out: Path, spec: JobSpec, shards: dict[str, Path],
     the final global model (its trainable tensors).
     """
     out.mkdir(parents=True, exist_ok=True)
-    policy_path = out / "policy.yaml"
-    policy_path.write_text(yaml.safe_dump(policy))
+    policies = {}
+    for name, shard in shards.items():
+        # Each owner declares its dataset size, which is public: here its shard's row count.
+        policies[name] = out / f"policy-{name}.yaml"
+        policies[name].write_text(yaml.safe_dump({**policy, "dataset_size": read_arrow(shard).num_rows}))
     (out / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    node_policy = load_policy(policy_path)
+    node_policy = load_policy(policies[next(iter(shards))])
     # Every demo run is a fresh consortium: an earlier run's ledgers would spend the same
     # nodes' budget again, and after a few runs they would refuse the job.
     shutil.rmtree(out / "run", ignore_errors=True)
-    with LocalConsortium(out / "run") as consortium:
+    # The coordinator reads the job's evaluation table from its directory, and from nowhere else.
+    eval_dir = Path(spec.evaluation.data).parent if spec.evaluation else None
+    with LocalConsortium(out / "run", eval_dir=eval_dir) as consortium:
         address = consortium.start_coordinator()
         console.print(f"coordinator on {address} (mutual TLS); enrolling and starting {len(shards)} nodes")
         consortium.enroll(list(shards))
         for name, shard in shards.items():
-            consortium.start_node(name, shard, policy_path)
+            consortium.start_node(name, shard, policies[name])
         with consortium.client() as client:
             job_id = client.submit(spec)
             status = follow(client, job_id)

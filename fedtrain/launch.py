@@ -22,9 +22,11 @@ from fedtrain.errors import FedtrainError
 class LocalConsortium:
     """Context manager owning every process it starts; all are stopped on exit."""
 
-    def __init__(self, root: Path, poll_seconds: float = 2.0, secure: bool = True):
-        """``secure=False`` runs everything with --insecure (plaintext, no identities)."""
+    def __init__(self, root: Path, poll_seconds: float = 2.0, secure: bool = True, eval_dir: Path | None = None):
+        """``secure=False`` runs everything with --insecure (plaintext, no identities); ``eval_dir``
+        holds the tables jobs evaluate on (the coordinator's --eval-dir)."""
         self.root = Path(root)
+        self.eval_dir = eval_dir
         self.logs = self.root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.poll_seconds = poll_seconds
@@ -62,8 +64,9 @@ class LocalConsortium:
         state = self.root / "coordinator"
         addr_file = state / "coordinator.addr"
         addr_file.unlink(missing_ok=True)
+        eval_dir = ["--eval-dir", str(self.eval_dir)] if self.eval_dir else []
         proc = self._spawn("coordinator", ["coordinator", "start", "--state-dir", str(state), "--port", str(port),
-                                           *self.security_args("coordinator")], env)
+                                           *eval_dir, *self.security_args("coordinator")], env)
         deadline = time.monotonic() + timeout
         while not addr_file.exists():
             if proc.poll() is not None:
@@ -105,7 +108,8 @@ class LocalConsortium:
         security = ["--insecure", "--name", name]
         if self.secure:
             self.enroll([name])
-            security = ["--tls-dir", str(self.pki / "nodes" / name), "--join-token", self.tokens[name]]
+            security = ["--tls-dir", str(self.pki / "nodes" / name)]
+            env = {**(env or {}), "FEDTRAIN_JOIN_TOKEN": self.tokens[name]}  # not in argv, which anyone can read
         return self._spawn(f"node-{name}", [
             "node", "start", "--coordinator", self.address, "--data", str(data), "--policy", str(policy),
             "--state-dir", str(self.node_state(name)), "--poll-seconds", str(self.poll_seconds), *security,

@@ -12,12 +12,19 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy,
+)
 
-from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
+from fedtrain.protocol.records import arrays_to_numpy, numpy_to_arrays
 from fedtrain.spec import JobSpec
 
-STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum, "bulyan": Bulyan,
+}
+# Strategy params that count nodes: the spec holds them as floats, Flower slices by them.
+_COUNT_PARAMS = ("num_malicious_nodes", "num_nodes_to_select")
 
 # How many nodes' updates one reply stands for: a securely aggregated round is one reply.
 AGGREGATED_NODES = "aggregated-nodes"
@@ -34,8 +41,17 @@ def build_strategy(spec: JobSpec) -> Strategy:
     nothing ("" when it did), ``accepted`` holds the (source node, metrics) of the replies
     it counted, and ``errors`` the reasons of the replies that were errors. Federated evaluation is off: per-node metrics on local data would
     leave the node without DP, so the global model is evaluated centrally instead.
+    A node's weight (its ``num-examples``) is clamped to [1, ``secure_aggregation.max_weight``],
+    as secure aggregation caps it: no node outweighs the others by claiming more examples.
     """
     base = STRATEGIES[spec.strategy.name]
+    max_weight = spec.secure_aggregation.max_weight
+    params = dict(spec.strategy.params)
+    for name in _COUNT_PARAMS:
+        if name in params:
+            if not params[name].is_integer():
+                raise ValueError(f"strategy param {name} must be a whole number, not {params[name]:g}")
+            params[name] = int(params[name])
 
     class MinNodes(base):  # type: ignore[misc, valid-type]
         shortfall = ""
@@ -47,6 +63,9 @@ def build_strategy(spec: JobSpec) -> Strategy:
             good = [r for r in replies if not r.has_error()]
             self.accepted = [(r.metadata.src_node_id, r.content["metrics"]) for r in good]
             self.errors = [r.error.reason for r in replies if r.has_error()]
+            for _, m in self.accepted:
+                if AGGREGATED_NODES not in m:  # one node's result
+                    m["num-examples"] = min(max(int(m["num-examples"]), 1), max_weight)
             ok = sum(int(m.get(AGGREGATED_NODES, 1)) for _, m in self.accepted)
             self.shortfall = ""
             if ok < spec.min_nodes:
@@ -61,7 +80,7 @@ def build_strategy(spec: JobSpec) -> Strategy:
             fraction_evaluate=0.0,
             min_train_nodes=spec.min_nodes,
             min_available_nodes=spec.min_nodes,
-            **spec.strategy.params,
+            **params,
         )
     except TypeError as err:
         raise ValueError(f"strategy {spec.strategy.name!r} does not take these params: {err}") from None
@@ -90,6 +109,8 @@ def run_rounds(
     This is Flower's ``Strategy.start()`` loop with two additions: it can start after
     round 1 (a job resumed from its checkpoint), and a round with too few results is run
     again ``round_retries`` times before it is given up, the global model then unchanged.
+    A round whose aggregation raises (e.g. replies Flower finds inconsistent) is given up
+    at once with the error: failing the job would waste the budget its honest nodes spent.
     ``on_round(round, weights, given_up)`` follows every round (``given_up`` says why the
     round was given up, "" if it was not); ``on_retry(round, note)`` precedes a retry.
     ``config`` goes to the nodes with every round's model.
@@ -102,7 +123,11 @@ def run_rounds(
             messages = strategy.configure_train(server_round, numpy_to_arrays(weights),
                                                 config or ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=spec.round_timeout)
-            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            try:
+                aggregated, _ = strategy.aggregate_train(server_round, replies)
+            except Exception as err:  # whatever the strategy raises ends this round, not the job
+                given_up = f"the strategy failed: {type(err).__name__}: {err}; global model unchanged"
+                break
             if aggregated is not None:
                 weights = {k: v.astype(dtypes[k]) for k, v in arrays_to_numpy(aggregated).items()}
                 break

@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 from fedtrain.client_app import app as node_app
 from fedtrain.data import read_arrow, write_arrow
 from fedtrain.errors import FedtrainError, SpecError
-from fedtrain.spec import JobSpec, TextDataSpec
+from fedtrain.spec import JobSpec
 
 FLOWER_LOG = "flower.log"
 
@@ -85,10 +85,8 @@ def write_partitions(data: Path, spec: JobSpec, num_nodes: int, out: Path, schem
     if label is not None and label not in table.column_names:
         raise SpecError(f"{data}: missing label column {label!r}; the file has {table.column_names}")
     labels = table.column(label).to_pylist() if label is not None else [0] * table.num_rows
-    # A tabular node standardises its own features: give each at least two rows.
-    min_size = 1 if isinstance(spec.data, TextDataSpec) else 2
     out.mkdir(parents=True, exist_ok=True)
-    partitions = partition_rows(labels, num_nodes, scheme, alpha, seed, min_size)
+    partitions = partition_rows(labels, num_nodes, scheme, alpha, seed)
     for i, rows in enumerate(partitions):
         write_arrow(table.take(rows), out / f"{i}{data.suffix.lower()}")
     return [len(rows) for rows in partitions]

@@ -72,13 +72,35 @@ class LoraSpec(_Strict):
     target_modules: list[Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.]+$")]] = Field(min_length=1)
 
 
+class ScalingSpec(_Strict):
+    """Public constants each feature is scaled with: ``(x - mean) / std``.
+
+    They come from public knowledge or reference data (never from a node's rows): every
+    node, the coordinator's evaluation and every exported model scale alike, and scaling
+    costs no privacy. Per-node statistics would: one row would move every other row.
+    """
+
+    mean: list[float]
+    std: list[Annotated[float, Field(gt=0)]]
+
+
 class DataSpec(_Strict):
-    """Which columns of each node's local table the job reads."""
+    """Which columns of each node's local table the job reads, and how they are scaled."""
 
     features: list[str] = Field(min_length=1)
     label: str
-    # Each node standardises features with its own mean and std: no statistic leaves it.
-    standardize: bool = True
+    # None: features are used as they are.
+    scaling: ScalingSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_local_statistics(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "standardize" in data:
+            raise ValueError(
+                "standardize (scaling by each node's own mean and std) is data-dependent and breaks DP;"
+                " give public constants instead: scaling: {mean: [...], std: [...]}, one per feature"
+            )
+        return data
 
     @field_validator("features")
     @classmethod
@@ -91,6 +113,8 @@ class DataSpec(_Strict):
     def _label_not_feature(self) -> DataSpec:
         if self.label in self.features:
             raise ValueError(f"label column {self.label!r} is also listed as a feature")
+        if self.scaling and not len(self.scaling.mean) == len(self.scaling.std) == len(self.features):
+            raise ValueError(f"scaling needs one mean and one std per feature ({len(self.features)})")
         return self
 
 
@@ -135,6 +159,8 @@ class TrainingSpec(_Strict):
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     learning_rate: PositiveFloat = 0.1
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # A node's DP plan takes at most this many steps a round: bounds its compute and its update.
+    max_steps_per_round: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
 
 
 class PrivacySpec(_Strict):
@@ -147,9 +173,16 @@ class PrivacySpec(_Strict):
     accountant: Literal["rdp"] = "rdp"
 
 
+# Byzantine-robust rules: each needs the nodes' individual updates, so no secure aggregation.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
 class StrategySpec(_Strict):
-    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    # Passed to the Flower strategy's constructor, e.g. {proximal_mu: 0.1} or {eta: 0.01}.
+    name: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"] = (
+        "fedavg")
+    # Passed to the Flower strategy's constructor, e.g. {proximal_mu: 0.1}, {eta: 0.01},
+    # {beta: 0.34} (fedtrimmedavg drops ⌊beta·n⌋ of n values at each end) or
+    # {num_malicious_nodes: 1} (krum, multikrum, bulyan).
     params: dict[str, float] = Field(default_factory=dict)
 
 
@@ -161,12 +194,14 @@ class SecureAggregationSpec(_Strict):
     """
 
     enabled: bool = True
-    # Each coordinate of a node's weighted update (its change to the global model) is
-    # clipped to [-clip_range, clip_range] before quantization. Default: see
+    # Each coordinate of a node's update (its change to the global model) is clipped to
+    # [-clip_range, clip_range], then weighted and quantized. Default: see
     # fedtrain.secagg.encoding.clip_range.
     clip_range: PositiveFloat | None = None
-    # A node's weight in the average is min(examples, max_weight) / max_weight; it
-    # travels inside the masked vector, so the coordinator never sees a shard size.
+    # Caps a node's weight in the average, with or without secure aggregation: its example
+    # count is clamped to [1, max_weight]. Under secure aggregation the weight
+    # min(examples, max_weight) / max_weight travels inside the masked vector, so the
+    # coordinator never sees a shard size.
     max_weight: Annotated[int, Field(ge=1, le=1 << 30)] = 10_000
     # Share holders per node, itself included (odd). Default: 2*ceil(log2 n) + 1, all
     # nodes when that is at least n.
@@ -242,8 +277,7 @@ class JobSpec(_Strict):
                 if self.adapter is None else "adapters apply to transformer models only"
             )
         if isinstance(self.model, ModelSpec):
-            widths = [len(self.data.features), *self.model.hidden, self.model.num_classes]
-            params = sum(a * b + b for a, b in zip(widths, widths[1:]))
+            params = self.tabular_parameters()
             if params > MAX_TABULAR_PARAMETERS:
                 raise ValueError(f"the model has {params:,} parameters; a job may exchange at most"
                                  f" {MAX_TABULAR_PARAMETERS:,} (fewer or narrower hidden layers)")
@@ -252,6 +286,25 @@ class JobSpec(_Strict):
                 "secure aggregation needs min_nodes >= 3: with two nodes, each can subtract its own update from"
                 " the sum and learn the other's; raise min_nodes or set secure_aggregation: false"
             )
+        return self
+
+    def tabular_parameters(self) -> int:
+        """Parameters of a tabular model (weights and biases of each linear layer)."""
+        widths = [len(self.data.features), *self.model.hidden, self.model.num_classes]
+        return sum(a * b + b for a, b in zip(widths, widths[1:]))
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> JobSpec:
+        name, params = self.strategy.name, self.strategy.params
+        if name in ROBUST_STRATEGIES and self.secure_aggregation.enabled:
+            raise ValueError(f"strategy {name} needs each node's update, which secure aggregation hides:"
+                             " set secure_aggregation: false, or use fedavg, fedprox or fedadam")
+        pull = self.training.learning_rate * params.get("proximal_mu", 0.0)
+        if name == "fedprox" and not 0 <= pull <= 1:
+            raise ValueError(f"learning_rate * proximal_mu is {pull:g}: FedProx's pull towards the round's start"
+                             " must be between 0 and 1 (more overshoots it)")
+        if name == "bulyan" and self.min_nodes < 4 * params.get("num_malicious_nodes", 0) + 3:
+            raise ValueError("bulyan needs min_nodes >= 4 * num_malicious_nodes + 3")
         return self
 
     @property

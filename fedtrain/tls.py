@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedtrain.errors import FedtrainError
+from fedtrain.storage import write_private
 
 ROLES = ("coordinator", "node", "operator")
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
@@ -76,12 +76,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -107,7 +101,7 @@ def init_ca(ca_dir: Path, name: str = "fedtrain consortium CA", days: int = 3650
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(ca_dir / CA_KEY, _key_pem(key))
+    write_private(ca_dir / CA_KEY, _key_pem(key))
     (ca_dir / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return ca_dir / CA_CERT
 
@@ -151,7 +145,7 @@ def issue(ca_dir: Path, role: str, name: str, out_dir: Path, *, days: int = 365,
     cert = builder.sign(ca_key, hashes.SHA256())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CA_CERT).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(out_dir / KEY, _key_pem(key))
+    write_private(out_dir / KEY, _key_pem(key))
     (out_dir / CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return load_identity(out_dir, role, check_time=False)
 

@@ -1,8 +1,11 @@
 """The node agent: the daemon a data owner runs next to their data.
 
-It dials out to the coordinator, decides on job offers with the owner's policy,
-trains rounds with the installed ClientApp under DP-SGD, charges each round to
-the ledger *before* sending it, and writes every outbound message to the audit log.
+It dials out to the coordinator, decides on job offers with the owner's policy
+(``nodes/admission.py``: spec and policy only, never the data), trains rounds under
+DP-SGD (``fedtrain.privacy.engine.train_round``), charges each round to the ledger
+*before* sending it, and sends every message through one egress check
+(``nodes/egress.py``) after writing it to the audit log. What goes wrong with the data
+stays in the node's log.
 """
 
 from __future__ import annotations
@@ -10,33 +13,36 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
-from flwr.app import DEFAULT_TTL, ConfigRecord, Context, Message, Metadata, RecordDict
+import yaml
 
 from fedtrain import approval
 from fedtrain.audit import AuditLog
-from fedtrain.client_app import app as client_app
-from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
+from fedtrain.data import DataCheck
 from fedtrain.errors import BudgetExceeded, FedtrainError
 from fedtrain.models import expected_manifest, load_dataset
-from fedtrain.policy import Decision, NodePolicy, review_job
+from fedtrain.policy import Decision, NodePolicy
 from fedtrain.privacy.accounting import RoundPlan, plan_round
+from fedtrain.privacy.engine import LocalUpdate, expected_batch_size, train_round
 from fedtrain.privacy.ledger import LedgerRow, PrivacyLedger
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import (
-    GRPC_OPTIONS, PROTOCOL_VERSION, TensorInfo, decode_arrays, decode_values, encode_arrays, encode_values, manifest_of,
-    model_digest, payload_digest,
+    GRPC_OPTIONS, PROTOCOL_VERSION, TensorInfo, decode_arrays, encode_arrays, encode_values, model_digest,
+    payload_digest,
 )
+from fedtrain.protocol.refusal import Reason, Refusal
 from fedtrain.secagg.encoding import MASKED_TENSOR, clip_range, encode, node_weight
 from fedtrain.secagg.node import SecAggNode
+from fedtrain.secagg.peers import PeerAuth
 from fedtrain.spec import JobSpec, job_spec_from_json
+from fedtrain.storage import private_dir, write_private
 from fedtrain.tls import Identity, channel
+from nodes import admission, egress
 from nodes.jobs import JobBook
 from nodes.state import StatePaths
 
@@ -55,6 +61,13 @@ _PROTO_DECISION = {
 
 
 # Message types a node serves, and the secure aggregation stage each may carry.
+def _parsed(spec_json: str) -> JobSpec | None:
+    try:
+        return job_spec_from_json(spec_json)
+    except FedtrainError:
+        return None
+
+
 _SERVED = {"train": (None, "collect"), "train.secagg": ("setup", "share_keys", "unmask")}
 
 
@@ -68,13 +81,14 @@ class NodeAgent:
                  join_token: str = ""):
         """``identity``: the node's certificate for mutual TLS (None: plaintext); ``join_token``
         enrolls it at the first Register."""
-        state_dir.mkdir(parents=True, exist_ok=True)
-        paths = StatePaths(state_dir)
+        paths = StatePaths(private_dir(state_dir))
         self.coordinator = coordinator
         self.data = data
         self.policy = policy
         self.name = name
         self.poll_seconds = poll_seconds
+        # The owner's commands (jobs --show, approve) apply the policy in force.
+        write_private(paths.policy, yaml.safe_dump(policy.document()).encode(), fsync=False)
         self.ledger = PrivacyLedger(paths.ledger, max_epsilon=policy.max_epsilon, delta=policy.delta)
         self.jobs = JobBook(paths.jobs)
         self.audit = AuditLog(paths.audit)
@@ -84,7 +98,8 @@ class NodeAgent:
         # Secure aggregation state of rounds in progress: in memory only, so a restart forgets
         # its secrets and the coordinator treats the node as dropped.
         self._secagg: dict[tuple[str, int], SecAggNode] = {}
-        self._sizes: dict[tuple[str, int, int], int] = {}
+        # Signs this node's SecAgg+ keys and authenticates its peers' (None without TLS: no secure aggregation).
+        self._peer_auth = PeerAuth(identity) if identity is not None else None
         self.join_token = join_token
         self._channel = channel(coordinator, identity, GRPC_OPTIONS)
         self._stub = pb_grpc.NodeServiceStub(self._channel)
@@ -94,8 +109,11 @@ class NodeAgent:
         self.ledger.close()
         self.jobs.close()
 
-    # --- outbound: every call is audited before it leaves ------------------------
-    def _send(self, message_type: str, call: Callable, request, **audit) -> object:
+    # --- outbound: every call is checked and audited before it leaves -------------
+    def _send(self, message_type: str, call: Callable, request, spec: JobSpec | None = None, **audit) -> object:
+        """The one way out: the egress check (against ``spec``, the job the message is about,
+        and the policy), then the audit log, then the wire."""
+        request = egress.check(request, spec, self.policy)
         self.audit.record(message_type, peer=self.coordinator, **audit)
         return call(request)
 
@@ -147,116 +165,130 @@ class NodeAgent:
                 stop.wait(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _examples(self, spec: JobSpec) -> int:
-        """How many examples the job reads here; loading (e.g. tokenising) once per job and file version."""
-        if not self.data.exists():
-            return len(load_dataset(self.data, spec))  # which says what is missing
-        stat = self.data.stat()
-        key = (spec.digest(), stat.st_mtime_ns, stat.st_size)
-        if key not in self._sizes:
-            self._sizes[key] = len(load_dataset(self.data, spec))
-        return self._sizes[key]
-
     # --- job offers -----------------------------------------------------------
     def _on_offer(self, offer: pb.JobOffer) -> None:
-        try:
-            spec = job_spec_from_json(offer.spec_json, source=f"job {offer.job_id}")
-            review = review_job(spec, self.policy, self.ledger, self._examples(spec))
-            decision, reason = review.decision, review.reason
-        except FedtrainError as err:
-            decision, reason = Decision.REFUSED, str(err)
-        log.info("job %s: %s (%s)", offer.job_id, decision.value, reason)
-        signature = None
-        if decision is Decision.ACCEPTED:  # the policy approves a job within its bounds
-            signature = approval.sign(self.key, offer.job_id, spec.digest())
-        self.jobs.record(offer.job_id, offer.spec_json, decision, reason, signature)
+        verdict = admission.admit(offer.job_id, offer.spec_json, self.policy, self.ledger, self.jobs.get(offer.job_id),
+                                  authenticated=self._peer_auth is not None)
+        log.info("job %s: %s (%s)", offer.job_id, verdict.decision.value, verdict.detail)
+        if verdict.repeat:
+            self.jobs.mark_unanswered(offer.job_id)
+        else:
+            signature = None
+            if verdict.decision is Decision.ACCEPTED:
+                # The policy approves a job within its bounds, for exactly these bytes.
+                signature = approval.sign(self.key, offer.job_id, verdict.spec.digest())
+            self.jobs.record(offer.job_id, offer.spec_json, verdict.decision, verdict.refusal.text(), verdict.detail,
+                             signature)
         self._answer_offers()
 
     def _answer_offers(self) -> None:
         for job in self.jobs.unanswered():
+            spec = _parsed(job.spec_json)
             self._send(
                 "AnswerOffer", self._stub.AnswerOffer,
                 pb.OfferAnswer(node_id=self.node_id, job_id=job.job_id, decision=_PROTO_DECISION[job.decision],
-                               reason=job.reason),
-                job_id=job.job_id, detail=f"{job.decision.value}: {job.reason}",
+                               reason=job.answer),
+                spec=spec, job_id=job.job_id, detail=f"{job.decision.value}: {job.answer}",
             )
             self.jobs.mark_answered(job.job_id, job.decision)
 
     # --- training tasks -------------------------------------------------------
-    def _check_task(self, task: pb.TaskHeader) -> str:
-        """Why this task must not run, or '' if it may."""
+    def _check_task(self, task: pb.TaskHeader) -> admission.Problem | None:
+        """Why this task must not run (None if it may), from the job book, the spec and the ledger."""
+        def problem(reason: Reason, detail: str, **values) -> admission.Problem:
+            return admission.Problem(Refusal(reason, values), detail)
+
         job = self.jobs.get(task.job_id)
         if job is None or job.decision is not Decision.ACCEPTED:
             state = "never offered" if job is None else job.decision.value
-            return f"job {task.job_id} is not accepted on this node ({state})"
+            return problem(Reason.NOT_ACCEPTED, f"job {task.job_id} is not accepted on this node ({state})")
         stage = task.secagg.WhichOneof("stage")
         if stage not in _SERVED.get(task.message_type, ()):
-            return f"a {task.message_type!r} task in secure aggregation stage {stage} is not served"
+            return problem(Reason.STAGE_NOT_SERVED,
+                           f"a {task.message_type!r} task in secure aggregation stage {stage} is not served")
         spec = job.spec
         if job.signature is None or not approval.verify(self.key.public_key(), job.job_id, spec.digest(),
                                                          job.signature):
-            return (f"job {task.job_id}: the spec on record carries no valid approval of this node"
-                    " (was the job book changed?); nothing runs")
-        try:
-            sent = job_spec_from_json(task.spec_json, source="the task's job spec")
-        except FedtrainError as err:
-            return str(err)
-        if sent.digest() != spec.digest():
-            return (f"the task is for another spec than the approved one: "
-                    f"{'; '.join(approval.spec_difference(spec, sent))}")
+            return problem(Reason.APPROVAL_INVALID, f"job {task.job_id}: the spec on record carries no valid"
+                                                    " approval of this node (was the job book changed?); nothing runs")
+        sent = _parsed(task.spec_json)
+        if sent is None or sent.digest() != spec.digest():
+            what = "; ".join(approval.spec_difference(spec, sent)) if sent else "it does not parse"
+            return problem(Reason.SPEC_MISMATCH, f"the task is for another spec than the approved one: {what}")
         if (spec.secagg is not None) != (stage is not None):
             # Above all, an update of a securely aggregated job never leaves unmasked.
-            return (f"job {task.job_id} was accepted {'with' if spec.secagg else 'without'} secure aggregation;"
-                    f" a task {'without' if spec.secagg else 'with'} it is refused")
+            return problem(Reason.STAGE_NOT_SERVED,
+                           f"job {task.job_id} was accepted {'with' if spec.secagg else 'without'} secure"
+                           f" aggregation; a task {'without' if spec.secagg else 'with'} it is refused")
         if not 1 <= task.round <= spec.training.rounds:
-            return f"round {task.round} is outside the accepted job's {spec.training.rounds} rounds"
+            return problem(Reason.ROUND_OUT_OF_RANGE, f"round {task.round} is outside the accepted job's rounds",
+                           **{"training.rounds": spec.training.rounds})
         if stage not in (None, "unmask") and self.ledger.row(task.job_id, task.round) is not None:
             # A masked update is never masked again: two maskings under different dropout sets
             # could reveal it. (A plain round run again gets the same release: see _release_again.)
-            return f"round {task.round} of job {task.job_id} was already released; it is never trained twice"
-        return ""
+            return problem(Reason.ALREADY_RELEASED,
+                           f"round {task.round} of job {task.job_id} was already released; it is never trained twice")
+        return None
 
-    def _refuse(self, task: pb.TaskHeader, refusal: str) -> None:
-        log.warning("refusing task %s: %s", task.task_id, refusal)
+    def _refuse(self, task: pb.TaskHeader, refusal: Refusal, detail: str, spec: JobSpec | None = None) -> None:
+        """Tell the coordinator the typed ``refusal``; ``detail`` stays in this node's log."""
+        log.warning("refusing task %s (job %s round %d): %s", task.task_id, task.job_id, task.round, detail)
         self._send("SubmitResult", self._stub.SubmitResult,
                    iter([pb.ResultPart(header=pb.ResultHeader(node_id=self.node_id, task_id=task.task_id,
-                                                              refusal=refusal))]),
-                   job_id=task.job_id, round=task.round, detail=f"refusal: {refusal}")
+                                                              refusal=refusal.text()))]),
+                   spec=spec, job_id=task.job_id, round=task.round, detail=f"refusal: {refusal.text()}")
+
+    def _budget_refusal(self) -> Refusal:
+        return Refusal(Reason.BUDGET_EXCEEDED, {"policy.max_epsilon": self.policy.max_epsilon})
+
+    def _plan(self, spec: JobSpec) -> RoundPlan:
+        """The round's DP parameters: from the spec and the declared dataset size, never the data."""
+        return plan_round(spec, self.policy.dataset_size)
 
     def _on_task(self, task: pb.TaskHeader) -> None:
-        refusal = self._check_task(task)
-        if refusal:
-            return self._refuse(task, refusal)
+        problem = self._check_task(task)
+        if problem is not None:
+            return self._refuse(task, problem.refusal, problem.detail, _parsed(task.spec_json))
         spec = self.jobs.get(task.job_id).spec
         stage = task.secagg.WhichOneof("stage")
         if stage in ("setup", "share_keys", "unmask"):
             return self._on_secagg_stage(task, spec, stage)
         if stage is None and self.ledger.row(task.job_id, task.round) is not None:
             return self._release_again(task, spec)
-        try:
-            plan = plan_round(spec, self._examples(spec))
-            quote = self.ledger.quote([plan])
-            # The budget is checked before anything is fetched or trained.
-            if not quote.allowed:
-                return self._refuse(task, quote.refusal())
-            secagg = None
-            if stage == "collect":
+        plan = self._plan(spec)
+        quote = self.ledger.quote([plan])
+        # The budget is checked before anything is fetched or trained.
+        if not quote.allowed:
+            return self._refuse(task, self._budget_refusal(), quote.refusal(), spec)
+        secagg = None
+        if stage == "collect":
+            try:
                 secagg = self._secagg_state(task)
                 # Shares are checked before training, so a bad one costs no budget.
                 secagg.receive_shares(task.secagg.collect)
-                self._reach("secagg-before-masked")
+            except FedtrainError as err:
+                self._secagg.pop((task.job_id, task.round), None)
+                return self._refuse(task, Refusal(Reason.SECURE_AGGREGATION_FAILED), f"secure aggregation: {err}",
+                                    spec)
+            self._reach("secagg-before-masked")
+        try:
             start = self._fetch(task, spec)
-            bundle = self._train(task, spec, plan, secagg, start)
         except (FedtrainError, ValueError) as err:
-            # Nothing was charged or sent: the round goes on without this node.
-            return self._refuse(task, f"training failed: {err}")
+            return self._refuse(task, Refusal(Reason.BAD_GLOBAL_MODEL), f"cannot fetch the global model: {err}", spec)
+        try:
+            # From here on the data is touched: whatever goes wrong, the coordinator learns only
+            # that training failed (the reason is in this log), and nothing was charged or sent.
+            bundle = self._train(task, spec, plan, secagg, self._local_round(spec, plan, start), start)
+        except (FedtrainError, ValueError, RuntimeError) as err:
+            log.exception("job %s round %d: training failed", task.job_id, task.round)
+            return self._refuse(task, Refusal(Reason.TRAINING_FAILED), f"training failed: {err}", spec)
         try:
             # Re-checked atomically with the write: the pre-check above may be stale.
             row = self.ledger.charge(job_id=task.job_id, round=task.round, plan=plan,
                                      job_delta=spec.privacy.delta, task_id=task.task_id,
                                      payload=bundle.SerializeToString(), basis=model_digest(start))
         except BudgetExceeded as err:
-            return self._refuse(task, str(err))
+            return self._refuse(task, self._budget_refusal(), str(err), spec)
         self._reach("after-ledger-commit")
         self._deliver(row, bundle)
         if secagg is not None:
@@ -274,14 +306,19 @@ class NodeAgent:
         key = (task.job_id, task.round)
         try:
             if stage == "setup":
+                if self._peer_auth is None:
+                    # Peers nobody can authenticate could be the coordinator itself, holding every share.
+                    return self._refuse(task, Refusal(Reason.SECURE_AGGREGATION_UNAUTHENTICATED),
+                                        "secure aggregation needs this node's TLS identity to authenticate its"
+                                        " peers; a node started with --insecure takes no part in it", spec)
                 # Refuse early, before any key exists, when the round would exceed the budget.
-                quote = self.ledger.quote([plan_round(spec, self._examples(spec))])
+                quote = self.ledger.quote([self._plan(spec)])
                 if not quote.allowed:
-                    return self._refuse(task, quote.refusal())
+                    return self._refuse(task, self._budget_refusal(), quote.refusal(), spec)
                 # Earlier rounds of the job that never reached their unmask stage are over.
                 for old in [k for k in self._secagg if k[0] == task.job_id and k[1] <= task.round]:
                     del self._secagg[old]
-                self._secagg[key] = SecAggNode(task.job_id, task.round, self.node_id)
+                self._secagg[key] = SecAggNode(task.job_id, task.round, self.node_id, self._peer_auth)
                 reply = pb.SecAggReply(keys=self._secagg[key].setup(task.secagg.setup))
                 detail = "secagg setup: two public keys and a seed commitment"
             elif stage == "share_keys":
@@ -297,17 +334,17 @@ class NodeAgent:
                           f" key shares of nodes {[s.owner for s in reveal.key_shares]}")
         except (FedtrainError, ValueError) as err:
             self._secagg.pop(key, None)
-            return self._refuse(task, f"secure aggregation: {err}")
+            return self._refuse(task, Refusal(Reason.SECURE_AGGREGATION_FAILED), f"secure aggregation: {err}", spec)
         header = pb.ResultHeader(node_id=self.node_id, task_id=task.task_id, secagg=reply)
         self._send("SubmitResult", self._stub.SubmitResult, iter([pb.ResultPart(header=header)]),
-                   job_id=task.job_id, round=task.round, detail=detail,
+                   spec=spec, job_id=task.job_id, round=task.round, detail=detail,
                    payload_sha256=hashlib.sha256(reply.SerializeToString()).hexdigest())
 
     def _fetch(self, task: pb.TaskHeader, spec: JobSpec) -> dict[str, np.ndarray]:
         """The task's global model: exactly the job's trainable tensors."""
         chunks = self._send("FetchArrays", self._stub.FetchArrays,
                             pb.FetchRequest(node_id=self.node_id, task_id=task.task_id),
-                            job_id=task.job_id, round=task.round)
+                            spec=spec, job_id=task.job_id, round=task.round)
         return decode_arrays(chunks, expected=expected_manifest(spec))
 
     def _release_again(self, task: pb.TaskHeader, spec: JobSpec) -> None:
@@ -318,42 +355,47 @@ class NodeAgent:
         try:
             start = self._fetch(task, spec)
         except (FedtrainError, ValueError) as err:
-            return self._refuse(task, f"cannot fetch the global model: {err}")
+            return self._refuse(task, Refusal(Reason.BAD_GLOBAL_MODEL), f"cannot fetch the global model: {err}", spec)
         if payload is None or basis != model_digest(start):
             why = "its update is no longer kept" if payload is None else "from another global model"
-            return self._refuse(task, f"round {task.round} of job {task.job_id} was already released ({why});"
-                                      " it is never trained twice")
+            return self._refuse(task, Refusal(Reason.ALREADY_RELEASED),
+                                f"round {task.round} of job {task.job_id} was already released ({why});"
+                                " it is never trained twice", spec)
         log.info("job %s round %d: sending the update charged before (no new spend)", task.job_id, task.round)
         bundle = pb.ResultBundle.FromString(payload)
         bundle.header.task_id = task.task_id
         self._deliver(row, bundle)
 
-    def _train(self, task: pb.TaskHeader, spec: JobSpec, plan: RoundPlan,
-               secagg: SecAggNode | None, arrays: dict[str, np.ndarray]) -> pb.ResultBundle:
-        expected = expected_manifest(spec)
-        message = Message(
-            content=RecordDict({"arrays": numpy_to_arrays(arrays),
-                                "config": ConfigRecord(decode_values(task.config))}),
-            metadata=Metadata(run_id=0, message_id=task.task_id, src_node_id=0, dst_node_id=self.node_id,
-                              reply_to_message_id="", group_id=str(task.round), created_at=time.time(),
-                              ttl=DEFAULT_TTL, message_type=task.message_type),
-        )
-        context = Context(run_id=0, node_id=self.node_id, node_config={"data-path": str(self.data)},
-                          state=RecordDict(), run_config={"job-spec": spec.canonical_json()})
-        reply = client_app(message, context)
-        metrics = dict(reply.content["metrics"])
-        recorded = RoundPlan(metrics["noise-multiplier"], metrics["sample-rate"], int(metrics["steps"]))
-        if recorded != plan:
-            raise FedtrainError(f"training recorded {recorded}, not the planned {plan}; nothing is sent")
-        update = arrays_to_numpy(reply.content["arrays"])
-        if manifest_of(update) != expected:
-            # Only the job's trainable tensors may leave: never a base-model tensor or an input.
-            raise FedtrainError(f"the update holds {sorted(update)}, not the job's trainable tensors; nothing is sent")
-        if secagg is not None:
-            update = {MASKED_TENSOR: self._mask(spec, secagg, update, arrays, int(metrics.pop("num-examples")))}
+    def _local_round(self, spec: JobSpec, plan: RoundPlan, start: dict[str, np.ndarray]) -> LocalUpdate:
+        """Read the data (bad rows skipped and logged here only) and train one round on it."""
+        check = DataCheck()
+        dataset = load_dataset(self.data, spec, check)
+        if check.count:
+            log.warning("job %s: %d problem(s) in %s, those rows are skipped (the coordinator is not told): %s",
+                        spec.name, check.count, self.data, check.summary())
+        if len(dataset) > self.policy.dataset_size:
+            # Privacy holds (each row is sampled at the planned rate), but batches run larger than
+            # planned and the coordinator's bound on an update may reject this node's.
+            log.warning("job %s: %d usable rows, more than the policy's dataset_size %d; declare the real count",
+                        spec.name, len(dataset), self.policy.dataset_size)
+        update = train_round(spec, dataset, start, plan, expected_batch_size(plan, self.policy.dataset_size))
+        # The training loss is a statistic of the data without noise: it stays in this log.
+        log.info("job %s: local DP-SGD training loss %.4f on %d row(s)", spec.name, update.loss, len(dataset))
+        return update
+
+    def _train(self, task: pb.TaskHeader, spec: JobSpec, plan: RoundPlan, secagg: SecAggNode | None,
+               update: LocalUpdate, start: dict[str, np.ndarray]) -> pb.ResultBundle:
+        """The result to charge and send: the update (masked under secure aggregation) and the
+        round's public metrics."""
+        arrays = update.arrays
+        metrics = {"noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate, "steps": plan.steps}
+        if secagg is None:
+            metrics["num-examples"] = self.policy.dataset_size  # Flower's strategies weigh by it
+        else:
+            arrays = {MASKED_TENSOR: self._mask(spec, secagg, arrays, start, self.policy.dataset_size)}
         return pb.ResultBundle(
             header=pb.ResultHeader(node_id=self.node_id, task_id=task.task_id, metrics=encode_values(metrics)),
-            tensors=list(encode_arrays(update)),
+            tensors=list(encode_arrays(arrays)),
         )
 
     @staticmethod
@@ -384,9 +426,13 @@ class NodeAgent:
                 yield pb.ResultPart(tensor=chunk)
 
         try:
-            self._send("SubmitResult", self._stub.SubmitResult, parts(), job_id=row.job_id, round=row.round,
+            self._send("SubmitResult", self._stub.SubmitResult, parts(), spec=_parsed(self.jobs.get(row.job_id).spec_json),
+                       job_id=row.job_id, round=row.round,
                        tensors={c.name: TensorInfo(c.dtype, tuple(c.shape)) for c in bundle.tensors},
                        payload_sha256=payload_digest(bundle.tensors), epsilon=row.job_epsilon)
+        except egress.EgressViolation as err:
+            # E.g. charged under a policy whose dataset_size has changed since: never sent.
+            log.error("result for job %s round %d is not sent: %s", row.job_id, row.round, err)
         except grpc.RpcError as err:
             if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
                                   grpc.StatusCode.INVALID_ARGUMENT):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -21,7 +20,7 @@ from fedtrain.audit import AuditLog
 from fedtrain.cli import INSECURE, TLS_DIR, identity_option
 from fedtrain.console import console
 from fedtrain.errors import FedtrainError
-from fedtrain.policy import Decision, load_policy
+from fedtrain.policy import Decision, NodePolicy, load_policy
 from nodes.jobs import JobBook
 from nodes.state import StatePaths
 
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Run and inspect a data owner's node agent.", no_args_is_help=True)
 STATE_DIR = typer.Option(..., "--state-dir", help="The node's state directory (ledger, jobs, audit log, policy).")
-POLICY_COPY = "policy.yaml"
+JOIN_TOKEN_ENV = "FEDTRAIN_JOIN_TOKEN"
 
 
 @app.command()
@@ -44,8 +43,10 @@ def start(
     poll_seconds: float = typer.Option(10.0, help="Long-poll wait per request to the coordinator."),
     tls_dir: Path = TLS_DIR,
     insecure: bool = INSECURE,
-    join_token: str = typer.Option("", envvar="FEDTRAIN_JOIN_TOKEN",
-                                   help="One-time token from `fedtrain coordinator token`; needed at the first start."),
+    join_token_file: Path | None = typer.Option(
+        None, "--join-token-file", exists=True, dir_okay=False,
+        help=f"File holding the one-time token from `fedtrain coordinator token` (or set {JOIN_TOKEN_ENV});"
+             " needed at the first start only."),
 ) -> None:
     """Start the node agent and serve until SIGINT/SIGTERM.
 
@@ -55,15 +56,15 @@ def start(
     # (jobs, approve, audit) do without, answering in a fraction of a second.
     from nodes.agent import FAILPOINT_ENV, Failpoint, NodeAgent
 
+    os.umask(0o077)  # all that this process writes (state, logs of its libraries) is its owner's only
+    # The token comes from a file or the environment, not argv, which every user of the machine can read.
+    join_token = join_token_file.read_text().strip() if join_token_file else os.environ.get(JOIN_TOKEN_ENV, "")
     identity = identity_option(tls_dir, insecure, "node")
     if identity is not None and name not in (None, identity.name):
         raise typer.BadParameter(f"the certificate in {tls_dir} is {identity.name!r}'s", param_hint="--name")
     name = identity.name if identity else name or socket.gethostname()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s node:{name} %(levelname)s %(message)s", force=True)
     owner_policy = load_policy(policy)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    # The owner's CLI reads the policy in force from the state dir.
-    shutil.copyfile(policy, state_dir / POLICY_COPY)
     agent = NodeAgent(coordinator=coordinator, data=data, policy=owner_policy, state_dir=state_dir, name=name,
                       poll_seconds=poll_seconds, failpoint=os.environ.get(FAILPOINT_ENV, ""), identity=identity,
                       join_token=join_token)
@@ -78,13 +79,18 @@ def start(
         agent.close()
 
 
-def _ledger(state_dir: Path) -> PrivacyLedger:
-    from fedtrain.privacy.ledger import PrivacyLedger
-
-    policy_path = state_dir / POLICY_COPY
+def _policy(state_dir: Path) -> NodePolicy:
+    """The policy in force: the copy the running node keeps in its state dir."""
+    policy_path = StatePaths(state_dir).policy
     if not policy_path.exists():
         raise typer.BadParameter(f"{state_dir} holds no node state; start a node with --state-dir {state_dir} first")
-    policy = load_policy(policy_path)
+    return load_policy(policy_path)
+
+
+def _ledger(state_dir: Path, policy: NodePolicy | None = None) -> PrivacyLedger:
+    from fedtrain.privacy.ledger import PrivacyLedger
+
+    policy = policy or _policy(state_dir)
     return PrivacyLedger(StatePaths(state_dir).ledger, max_epsilon=policy.max_epsilon, delta=policy.delta)
 
 
@@ -110,8 +116,9 @@ def budget(state_dir: Path = STATE_DIR, as_json: bool = typer.Option(False, "--j
     console.print(table)
 
 
-def _show(job, data: Path | None, key) -> Table:
+def _show(job, data: Path | None, key, policy) -> Table:
     """Exactly what a job runs on this node and what leaves it, for the owner to approve."""
+    from fedtrain.data import DataCheck
     from fedtrain.models import expected_manifest, load_dataset
     from fedtrain.privacy.accounting import epsilon, plan_round
     from fedtrain.secagg.encoding import clip_range, masked_manifest
@@ -123,6 +130,7 @@ def _show(job, data: Path | None, key) -> Table:
     table.add_column()
     table.add_row("spec sha256", spec.digest())
     table.add_row("approval", "signed by this node's key" if signed else "not approved")
+    table.add_row("decision", f"{job.decision.value}: {job.reason} (the coordinator was told: {job.answer})")
     model = spec.model
     table.add_row("task, model", f"{spec.task}, {model.kind}" + (
         f" base {model.base} (sha256 {model.sha256[:16]}…)" if model.kind == "transformer" else ""))
@@ -134,13 +142,28 @@ def _show(job, data: Path | None, key) -> Table:
                               f"lr {t.learning_rate:g}, strategy {spec.strategy.name}")
     table.add_row("DP-SGD", f"epsilon {spec.privacy.epsilon:g} for the whole job at delta {spec.privacy.delta:g}, "
                             f"clipping {spec.privacy.max_grad_norm:g}")
+    if spec.task == "tabular-classification":
+        scaling = spec.data.scaling
+        table.add_row("scaling", "none (features as they are)" if scaling is None else
+                      "public constants: " + ", ".join(f"({f} - {m:g}) / {s:g}" for f, m, s in
+                                                       zip(spec.data.features, scaling.mean, scaling.std)))
+    plan = plan_round(spec, policy.dataset_size)
+    per_round = [epsilon([plan.as_history()] * r, spec.privacy.delta) for r in range(1, t.rounds + 1)]
+    table.add_row("epsilon", f"noise {plan.noise_multiplier:.3f} at sample rate {plan.sample_rate:.4g} (from the"
+                  f" policy's dataset_size {policy.dataset_size}); after each round: "
+                  + ", ".join(f"{e:.3f}" for e in per_round))
     if data is not None:
-        plan = plan_round(spec, len(load_dataset(data, spec)))
-        per_round = [epsilon([plan.as_history()] * r, spec.privacy.delta) for r in range(1, t.rounds + 1)]
-        table.add_row("epsilon on this data", f"noise {plan.noise_multiplier:.3f}; after each round: "
-                      + ", ".join(f"{e:.3f}" for e in per_round))
+        check = DataCheck()
+        try:
+            rows = len(load_dataset(data, spec, check))
+        except (FedtrainError, OSError, ValueError) as err:  # e.g. no base model to tokenise with
+            rows, check = 0, None
+            table.add_row("your data", f"cannot be read for this job: {err}")
+        if check is not None:
+            table.add_row("your data", f"{rows} usable row(s) (dataset_size declares {policy.dataset_size})" + (
+                f"; {check.count} row(s) would be skipped: {check.summary()}" if check.count else ""))
     else:
-        table.add_row("epsilon on this data", "pass --data FILE to see the noise and the epsilon after each round")
+        table.add_row("your data", "pass --data FILE to check it against the job (nothing is sent)")
     try:
         manifest = expected_manifest(spec)
         tensors = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in manifest.items())
@@ -169,7 +192,7 @@ def jobs(state_dir: Path = STATE_DIR,
         job = JobBook(paths.jobs).get(show)
         if job is None:
             raise typer.BadParameter(f"no job {show!r} on this node; `fedtrain node jobs` lists them")
-        console.print(_show(job, data, approval.load_or_create_key(paths.key)))
+        console.print(_show(job, data, approval.load_or_create_key(paths.key), _policy(state_dir)))
         return
     table = Table(title="jobs")
     for col in ("job", "name", "rounds", "epsilon", "delta", "decision", "reason"):
@@ -182,15 +205,28 @@ def jobs(state_dir: Path = STATE_DIR,
 
 
 def _decide(state_dir: Path, job_id: str, decision: Decision, reason: str) -> None:
+    from fedtrain.protocol.refusal import Reason, Refusal
+
     paths = StatePaths(state_dir)
     book = JobBook(paths.jobs)
+    job = book.get(job_id)
+    signature = None
+    answer = Refusal(Reason.OWNER_REFUSED).text()
     try:
-        job = book.get(job_id)
-        signature = None
         if decision is Decision.ACCEPTED and job is not None:
-            # What is signed is the exact spec on record; any later change voids the approval.
+            from nodes.admission import review
+
+            # The policy is applied again to exactly the bytes that are signed: an approval
+            # never covers a spec the policy refuses, whatever the job book says.
+            policy = _policy(state_dir)
+            problems = review(job.spec, policy, _ledger(state_dir, policy))
+            if problems:
+                raise ValueError(f"job {job_id} breaks this node's policy; it cannot be approved: "
+                                 + "; ".join(p.detail for p in problems))
             signature = approval.sign(approval.load_or_create_key(paths.key), job_id, job.spec.digest())
-        job = book.decide(job_id, decision, reason, signature)
+            answer = Refusal(Reason.WITHIN_POLICY).text()
+        job = book.decide(job_id, decision, answer, reason, signature,
+                          spec_json=None if job is None else job.spec_json)
     except (KeyError, ValueError) as err:
         console.print(f"[red]error:[/red] {err.args[0]}")
         raise typer.Exit(1) from None
@@ -199,12 +235,13 @@ def _decide(state_dir: Path, job_id: str, decision: Decision, reason: str) -> No
 
 @app.command()
 def approve(job_id: str, state_dir: Path = STATE_DIR) -> None:
-    """Approve a job that is pending the owner's approval."""
+    """Approve a job that is pending the owner's approval (after checking it against the policy again)."""
     _decide(state_dir, job_id, Decision.ACCEPTED, "approved by the data owner")
 
 
 @app.command()
-def refuse(job_id: str, state_dir: Path = STATE_DIR, reason: str = typer.Option("refused by the data owner")) -> None:
+def refuse(job_id: str, state_dir: Path = STATE_DIR, reason: str = typer.Option(
+        "refused by the data owner", help="Kept on this node; the coordinator is told only that the owner refused.")) -> None:
     """Refuse a job that is pending the owner's approval."""
     _decide(state_dir, job_id, Decision.REFUSED, reason)
 

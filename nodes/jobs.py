@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     spec_json TEXT NOT NULL,
     decision TEXT NOT NULL,
-    reason TEXT NOT NULL,
+    reason TEXT NOT NULL,                  -- the decision's detail, for the owner only
+    answer TEXT NOT NULL DEFAULT '',       -- the typed answer the coordinator is sent
     answered INTEGER NOT NULL DEFAULT 0,   -- has the coordinator been told the decision?
     received_at REAL NOT NULL,
     signature BLOB                          -- the node's Ed25519 approval of (job id, spec sha256)
@@ -32,6 +33,7 @@ class JobRecord:
     spec_json: str
     decision: Decision
     reason: str
+    answer: str
     answered: bool
     signature: bytes | None
 
@@ -42,19 +44,21 @@ class JobRecord:
 
 class JobBook:
     def __init__(self, path: str | Path):
-        # A job book from before approvals gains their column.
-        self._db = open_db(path, _SCHEMA, (("jobs", "signature", "BLOB"),))
+        # A job book from before approvals (or typed answers) gains their column.
+        self._db = open_db(path, _SCHEMA, (("jobs", "signature", "BLOB"), ("jobs", "answer", "TEXT NOT NULL DEFAULT ''")))
 
     def close(self) -> None:
         self._db.close()
 
-    def record(self, job_id: str, spec_json: str, decision: Decision, reason: str,
+    def record(self, job_id: str, spec_json: str, decision: Decision, answer: str, reason: str,
                signature: bytes | None = None) -> None:
+        """Record (or replace) the node's decision on an offer, with exactly the spec it was on."""
         self._db.execute(
-            "INSERT INTO jobs (job_id, spec_json, decision, reason, received_at, signature) VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT(job_id) DO UPDATE SET decision = excluded.decision, reason = excluded.reason, answered = 0,"
+            "INSERT INTO jobs (job_id, spec_json, decision, answer, reason, received_at, signature)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO UPDATE SET spec_json = excluded.spec_json,"
+            " decision = excluded.decision, answer = excluded.answer, reason = excluded.reason, answered = 0,"
             " signature = excluded.signature",
-            (job_id, spec_json, decision.value, reason, time.time(), signature),
+            (job_id, spec_json, decision.value, answer, reason, time.time(), signature),
         )
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -67,27 +71,36 @@ class JobBook:
     def unanswered(self) -> list[JobRecord]:
         return self._select("WHERE answered = 0", ())
 
+    def mark_unanswered(self, job_id: str) -> None:
+        self._db.execute("UPDATE jobs SET answered = 0 WHERE job_id = ?", (job_id,))
+
     def mark_answered(self, job_id: str, decision: Decision) -> None:
         # Only if unchanged since read: an approval that lands meanwhile must still be sent.
         self._db.execute("UPDATE jobs SET answered = 1 WHERE job_id = ? AND decision = ?", (job_id, decision.value))
 
-    def decide(self, job_id: str, decision: Decision, reason: str, signature: bytes | None = None) -> JobRecord:
-        """The owner's decision on a pending job; an approval comes with its signature."""
+    def decide(self, job_id: str, decision: Decision, answer: str, reason: str,
+               signature: bytes | None = None, spec_json: str | None = None) -> JobRecord:
+        """The owner's decision on a pending job; an approval comes with its signature over
+        ``spec_json``, which must still be the spec on record."""
         job = self.get(job_id)
         if job is None:
             known = ", ".join(j.job_id for j in self.all()) or "none"
             raise KeyError(f"no job {job_id!r} on this node (known: {known})")
         if job.decision is not Decision.PENDING_APPROVAL:
             raise ValueError(f"job {job_id} is not pending approval; it is {job.decision.value}")
-        self._db.execute(
-            "UPDATE jobs SET decision = ?, reason = ?, answered = 0, signature = ? WHERE job_id = ?",
-            (decision.value, reason, signature, job_id),
+        cur = self._db.execute(
+            "UPDATE jobs SET decision = ?, answer = ?, reason = ?, answered = 0, signature = ?"
+            " WHERE job_id = ? AND decision = ? AND spec_json = ?",
+            (decision.value, answer, reason, signature, job_id, Decision.PENDING_APPROVAL.value,
+             job.spec_json if spec_json is None else spec_json),
         )
+        if cur.rowcount != 1:
+            raise ValueError(f"job {job_id} changed while it was being decided; review it again")
         return self.get(job_id)
 
     def _select(self, where: str, args: tuple) -> list[JobRecord]:
         cur = self._db.execute(
-            f"SELECT job_id, spec_json, decision, reason, answered, signature FROM jobs {where} ORDER BY received_at",
-            args,
+            f"SELECT job_id, spec_json, decision, reason, answer, answered, signature FROM jobs {where}"
+            " ORDER BY received_at", args,
         )
-        return [JobRecord(j, s, Decision(d), r, bool(a), sig) for j, s, d, r, a, sig in cur]
+        return [JobRecord(j, s, Decision(d), r, ans, bool(a), sig) for j, s, d, r, ans, a, sig in cur]

@@ -11,3 +11,4 @@ class StatePaths:
         self.jobs = state_dir / "jobs.db"
         self.audit = state_dir / "audit.jsonl"
         self.key = state_dir / "node_ed25519.pem"  # signs the owner's approvals
+        self.policy = state_dir / "policy.yaml"     # the policy in force, for the owner's commands

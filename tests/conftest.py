@@ -1,12 +1,16 @@
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer
 
 from coordinator.service import serve
+from fedtrain import tls
 from fedtrain.client import CoordinatorClient
-from fedtrain.data import write_table
+from fedtrain.data import read_arrow, write_table
 from fedtrain.policy import NodePolicy
 from fedtrain.privacy.ledger import PrivacyLedger
 from fedtrain.secagg.encoding import node_weight
@@ -38,6 +42,16 @@ def shards(tmp_path, cancer):
     test = tmp_path / "test.csv"
     write_table(test, FEATURES, x[test_idx], "malignant", y[test_idx])
     return paths, test
+
+
+def eventually(condition, what: str, timeout: float = 20.0, every: float = 0.1):
+    """``condition()``'s first truthy value, tried every ``every`` seconds for ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def make_spec(**over):
@@ -138,14 +152,23 @@ class RecordingAgent(NodeAgent):
         return NodeAgent._mask(spec, secagg, update, start, num_examples)
 
 
+def owner_policy(data, **over) -> NodePolicy:
+    """A permissive owner policy that declares ``data``'s row count and lets bases come from
+    the tests' temporary directories."""
+    return NodePolicy(max_epsilon=10.0, dataset_size=read_arrow(Path(data)).num_rows,
+                      model_roots=[Path(tempfile.gettempdir())], **over)
+
+
 class Node:
-    def __init__(self, address, data, state_dir, name, failpoint=""):
-        self.args = dict(coordinator=address, data=data, policy=NodePolicy(max_epsilon=10.0), state_dir=state_dir,
-                         name=name, poll_seconds=0.5)
+    def __init__(self, address, data, state_dir, name, failpoint="", agent_class=RecordingAgent, **tls_args):
+        """``tls_args``: the agent's ``identity`` and ``join_token``."""
+        self.args = dict(coordinator=address, data=data, policy=owner_policy(data), state_dir=state_dir,
+                         name=name, poll_seconds=0.5, **tls_args)
+        self.agent_class = agent_class
         self.start(failpoint)
 
     def start(self, failpoint=""):
-        self.agent = RecordingAgent(failpoint=failpoint, **self.args)
+        self.agent = self.agent_class(failpoint=failpoint, **self.args)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -170,24 +193,49 @@ class Node:
         self.thread.join(10)
 
 
+class Pki:
+    """A consortium CA in ``root``, and certificates from it, each issued once (a few ms each)."""
+
+    def __init__(self, root):
+        self.root = root
+        tls.init_ca(root / "ca")
+        self._issued = {}
+
+    def identity(self, role, name):
+        if (role, name) not in self._issued:
+            self._issued[role, name] = tls.issue(self.root / "ca", role, name, self.root / role / name)
+        return self._issued[role, name]
+
+
+@pytest.fixture(scope="session")
+def consortium_pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture
-def consortium(tmp_path, cancer):
-    """(start(n, failpoints) -> nodes on n breast-cancer shards, client) around an in-process coordinator."""
+def consortium(tmp_path, cancer, consortium_pki):
+    """(start(n, failpoints, agents) -> nodes on n breast-cancer shards, client) around an
+    in-process coordinator, all over mutual TLS (secure aggregation needs node certificates).
+    ``agents[i]``, if given, is the NodeAgent class of node i."""
+    pki = consortium_pki
     x, y = cancer
     order = np.random.default_rng(1).permutation(len(y))
-    server, port, coord = serve(tmp_path / "coordinator", port=0)
+    server, port, coord = serve(tmp_path / "coordinator", port=0, identity=pki.identity("coordinator", "coordinator"))
     address = f"127.0.0.1:{port}"
     nodes = []
 
-    def start(n, failpoints=()):
+    def start(n, failpoints=(), agents=()):
         for i, idx in enumerate(np.array_split(order, n)):
             path = tmp_path / f"shard-{i}.csv"
             write_table(path, FEATURES, x[idx], "malignant", y[idx])
             fp = failpoints[i] if i < len(failpoints) else ""
-            nodes.append(Node(address, path, tmp_path / f"node-{i}", f"n{i}", fp))
+            name = f"n{i}"
+            nodes.append(Node(address, path, tmp_path / f"node-{i}", name, fp,
+                              agents[i] if i < len(agents) else RecordingAgent,
+                              identity=pki.identity("node", name), join_token=coord.store.create_token(name, 3600)))
         return nodes
 
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(address, pki.identity("operator", "operator")) as client:
         yield start, client
     for node in nodes:
         node.halt()

@@ -9,7 +9,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from coordinator.service import serve
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
+from fedtrain.privacy.accounting import plan_round
 from fedtrain.protocol.codec import PROTOCOL_VERSION, decode_arrays, encode_arrays, encode_values
+from fedtrain.spec import job_spec_from_json
 
 from conftest import make_spec
 
@@ -47,7 +49,7 @@ def test_malformed_specs_are_refused_and_nothing_is_stored(coordinator, shards):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "training" in details and "privacy" in details
     bad_eval = make_spec(evaluation={"data": "/nonexistent/test.csv"}).canonical_json()
     code, details = code_and_details(lambda: jobs.SubmitJob(pb.SubmitJobRequest(spec_json=bad_eval)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "/nonexistent/test.csv does not exist" in details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "'/nonexistent/test.csv' is not a file in" in details
     assert coord.store.jobs() == []
     code, details = code_and_details(lambda: jobs.GetJob(pb.GetJobRequest(job_id="nope")))
     assert code == grpc.StatusCode.NOT_FOUND and "unknown job 'nope'" in details
@@ -74,7 +76,11 @@ def _next_task(nodes, node_id):
 
 
 def _submit(nodes, node_id, task, arrays):
-    header = pb.ResultHeader(node_id=node_id, task_id=task.task_id, metrics=encode_values({"num-examples": 10}))
+    # The metrics an honest node with 10 examples sends (the coordinator takes exactly these).
+    plan = plan_round(job_spec_from_json(task.spec_json), 10)
+    metrics = {"num-examples": 10, "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+               "steps": plan.steps, "epsilon": 0.5, "delta": 1e-5, "lifetime-epsilon-increase": 0.5}
+    header = pb.ResultHeader(node_id=node_id, task_id=task.task_id, metrics=encode_values(metrics))
     parts = [pb.ResultPart(header=header)] + [pb.ResultPart(tensor=c) for c in encode_arrays(arrays)]
     return nodes.SubmitResult(iter(parts))
 
@@ -129,9 +135,13 @@ def _answer(nodes, node_id, task, reply):
     return nodes.SubmitResult(iter([pb.ResultPart(header=header)]))
 
 
-def test_secure_aggregation_input_from_raw_nodes_is_checked_and_replays_are_refused(coordinator):
+def test_secure_aggregation_input_from_raw_nodes_is_checked_and_replays_are_refused(coordinator, consortium_pki):
     """Three raw-gRPC nodes run SecAgg+ with the real node-side state machine, and misbehave."""
     from fedtrain.secagg.node import SecAggNode
+    from fedtrain.secagg.peers import PeerAuth
+
+    def secagg_node(round, n):  # signs with a consortium node certificate (this coordinator runs without TLS)
+        return SecAggNode(job_id, round, n, PeerAuth(consortium_pki.identity("node", f"raw{n}")))
 
     channel, coord = coordinator
     nodes, jobs = pb_grpc.NodeServiceStub(channel), pb_grpc.JobServiceStub(channel)
@@ -146,7 +156,7 @@ def test_secure_aggregation_input_from_raw_nodes_is_checked_and_replays_are_refu
 
     tasks = {n: _next_task(nodes, n) for n in ids}
     assert {t.secagg.WhichOneof("stage") for t in tasks.values()} == {"setup"}
-    state = {n: SecAggNode(job_id, 1, n) for n in ids}
+    state = {n: secagg_node(1, n) for n in ids}
     keys = {n: state[n].setup(tasks[n].secagg.setup) for n in ids}
     a, b, c = ids
     bad = pb.PublicKeys(node_id=a, encryption_key=b"short", mask_key=keys[a].mask_key,
@@ -175,7 +185,7 @@ def test_secure_aggregation_input_from_raw_nodes_is_checked_and_replays_are_refu
     assert all(t.round == 2 and t.secagg.WhichOneof("stage") == "setup" for t in fresh.values())
     code, details = code_and_details(lambda: _answer(nodes, b, tasks[b], pb.SecAggReply(keys=keys[b])))
     assert code == grpc.StatusCode.NOT_FOUND and "unknown, answered, or past its deadline" in details
-    state = {n: SecAggNode(job_id, 2, n) for n in ids}
+    state = {n: secagg_node(2, n) for n in ids}
     for n in ids:
         _answer(nodes, n, fresh[n], pb.SecAggReply(keys=state[n].setup(fresh[n].secagg.setup)))
     share_tasks = {n: _next_task(nodes, n) for n in ids}
@@ -222,7 +232,7 @@ def test_fedadam_state_survives_a_checkpoint(tmp_path):
 
     from fedtrain.rounds import build_strategy, restore_strategy_state, strategy_state
     from coordinator.store import Store
-    from fedtrain.client_app import arrays_to_numpy, numpy_to_arrays
+    from fedtrain.protocol.records import arrays_to_numpy, numpy_to_arrays
 
     spec = make_spec(strategy={"name": "fedadam", "params": {"eta": 0.1}})
     rng = np.random.default_rng(0)

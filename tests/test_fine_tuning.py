@@ -25,9 +25,10 @@ def test_three_nodes_fine_tune_a_tiny_llm_and_only_the_adapter_leaves(tmp_path, 
                     evaluation={"data": str(write_texts(tmp_path / "test.csv", sentences(64, seed=9)))})
     shards = [write_texts(tmp_path / f"shard-{i}.csv", sentences(120, seed=i)) for i in range(3)]
     policy = write_policy(tmp_path / "policy.yaml", max_epsilon=10.0, allowed_tasks=["causal-lm"],
-                          allowed_models=["transformer"], allowed_base_models=[spec.model.sha256])
+                          allowed_models=["transformer"], allowed_base_models=[spec.model.sha256],
+                          model_roots=[str(tiny_llama.parent)], dataset_size=120)
     out = tmp_path / "adapter"
-    with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
+    with LocalConsortium(tmp_path / "run", poll_seconds=1, eval_dir=tmp_path) as c:
         address = c.start_coordinator()
         c.enroll([f"n{i}" for i in range(len(shards))])
         for i, shard in enumerate(shards):
@@ -100,8 +101,8 @@ def test_minilm_sentiment_classification_on_a_slice_of_real_tweets(tmp_path):
     spec = text_spec(test, rounds=1, epsilon=8.0).model_copy(deep=True)
     spec = spec.model_validate({**spec.model_dump(), "model": {**spec.model.model_dump(), "max_length": 16},
                                 "training": {**spec.training.model_dump(), "batch_size": 16}})
-    policy = write_policy(tmp_path / "policy.yaml", max_epsilon=10.0)
-    with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
+    policy = write_policy(tmp_path / "policy.yaml", max_epsilon=10.0, dataset_size=32)
+    with LocalConsortium(tmp_path / "run", poll_seconds=1, eval_dir=tmp_path) as c:
         address = c.start_coordinator()
         c.enroll(list(NODES))
         for name, shard in zip(NODES, shards):

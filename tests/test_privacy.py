@@ -8,7 +8,7 @@ from torch.utils.data import TensorDataset
 from fedtrain.errors import BudgetExceeded
 from fedtrain.models import build_model
 from fedtrain.privacy.accounting import RoundPlan, epsilon, plan_round
-from fedtrain.privacy.engine import train_private
+from fedtrain.privacy.engine import expected_batch_size, train_private
 from fedtrain.privacy.ledger import PrivacyLedger
 
 from conftest import make_spec
@@ -62,7 +62,7 @@ def test_dp_training_records_the_planned_spend_and_learns(cancer):
     plan = plan_round(spec, len(table))
     torch.manual_seed(0)
     model = build_model(spec)
-    result = train_private(model, table, spec, plan)
+    result = train_private(model, table, spec, plan, expected_batch_size(plan, len(table)))
     assert result.plan == plan
     with torch.no_grad():
         acc = (model(torch.from_numpy(x[300:])).argmax(1).numpy() == y[300:]).mean()
@@ -78,7 +78,7 @@ def test_dp_noise_and_sampling_cannot_be_replayed_from_a_known_seed(cancer):
     for _ in range(2):
         torch.manual_seed(0)  # whatever state the process was in, and the same model seed
         model = build_model(spec)
-        train_private(model, table, spec, plan)
+        train_private(model, table, spec, plan, expected_batch_size(plan, len(table)))
         updates.append(torch.cat([p.detach().ravel() for p in model.parameters()]))
     assert not torch.equal(updates[0], updates[1])
     # Building a model does not reset the process's RNG.

@@ -4,7 +4,8 @@ Every `fedtrain` line of README's shell blocks runs in the walkthrough below: a
 consortium, three data owners (each in its own directory, as on its own machine) and a
 pilot, as real processes on this machine. README names the coordinator
 coord.example.org:7443 and listens on 0.0.0.0; here they are 127.0.0.1 and the free port
-the coordinator picked (started with --port 0), and TOKEN and JOB_ID are what the commands printed. The YAML blocks headed
+the coordinator picked (started with --port 0), JOB_ID is what the commands printed, and
+each owner's join-token.txt holds the token printed for it. The YAML blocks headed
 ``# job.yaml`` and ``# policy.yaml`` are the files used. Commands that README only
 mentions in its text are checked against the CLI: the command and its options exist.
 """
@@ -19,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -31,6 +31,8 @@ from fedtrain import cli
 from fedtrain.client import CoordinatorClient
 from fedtrain.demo import demo_spec, write_shards
 from fedtrain.tls import load_identity
+
+from conftest import eventually
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 OWNERS = ("hospital-a", "hospital-b", "hospital-c")
@@ -107,12 +109,7 @@ class Walkthrough:
 
 
 def wait_for(condition, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    return eventually(condition, what, timeout, every=0.5)
 
 
 @pytest.mark.slow
@@ -143,13 +140,16 @@ def test_readme_walkthrough(tmp_path):
         addr = consortium / "coordinator-state" / "coordinator.addr"
         port = wait_for(lambda: addr.exists() and addr.read_text().strip().rsplit(":", 1)[1], "the coordinator")
         w.subs["7443"] = port
+        # Jobs evaluate on tables in the coordinator's evaluation dir only.
+        shutil.copy(test, consortium / "coordinator-state" / "eval" / "test.csv")
         nodes = {}
         for name, owner in owners.items():
             w.run("fedtrain certs issue --ca-dir pki/ca --node", consortium, {"hospital-a": name})
             shutil.copytree(consortium / "pki" / name, owner / "pki" / name)
             printed, token = w.run("fedtrain coordinator token", consortium, {"hospital-a": name}).split()
             assert printed == name
-            nodes[name] = w.spawn("fedtrain node start", owner, {"hospital-a": name, "TOKEN": token})
+            (owner / "join-token.txt").write_text(token + "\n")
+            nodes[name] = w.spawn("fedtrain node start", owner, {"hospital-a": name})
 
         w.export(consortium)
         job_id = w.run("fedtrain job submit", consortium).split()[-1]

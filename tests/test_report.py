@@ -66,9 +66,11 @@ def test_a_finished_job_has_a_report_that_a_browser_shows(consortium):
     assert captions[1] == "Privacy spent per node, against the job's ε"
 
 
-def test_the_cli_prints_the_report_path_or_says_why_there_is_none(consortium, tmp_path):
+def test_the_cli_prints_the_report_path_or_says_why_there_is_none(consortium, consortium_pki, tmp_path):
     start, client = consortium
-    args = [sys.executable, "-m", "fedtrain", "job", "report", "--coordinator", client.address, "--insecure"]
+    consortium_pki.identity("operator", "operator")  # the consortium's operator certificate, in its directory
+    args = [sys.executable, "-m", "fedtrain", "job", "report", "--coordinator", client.address,
+            "--tls-dir", str(consortium_pki.root / "operator" / "operator")]
     job_id = client.submit(make_spec(min_nodes=2))  # no node ever joins: the job waits
     out = subprocess.run([*args, job_id], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and f"job {job_id} has no report yet (waiting)" in out.stdout

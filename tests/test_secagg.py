@@ -1,16 +1,22 @@
 """SecAgg+ at the protocol level: the real node and server state machines, in one process."""
 
+import datetime as dt
 import itertools
 import random
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from scipy import stats
 
+from fedtrain import tls
 from fedtrain.errors import SecAggError, SpecError, WireError
 from fedtrain.protocol import fedtrain_pb2 as pb
-from fedtrain.secagg.encoding import decode_sum, encode, error_bound, quant_bits
+from fedtrain.secagg.encoding import ImpossibleAggregate, check_sum, decode_sum, encode, error_bound, quant_bits
 from fedtrain.secagg.node import SecAggNode
+from fedtrain.secagg.peers import PeerAuth, signed_bytes
 from fedtrain.secagg.server import SecAggServer
 from fedtrain.spec import SecureAggregationSpec
 
@@ -19,20 +25,37 @@ from conftest import make_spec
 CLIP = 0.5
 
 
+@pytest.fixture(autouse=True)
+def _node_certificates(consortium_pki):
+    Round.pki = consortium_pki
+
+
+def auth(node):
+    """Node ``node``'s certificate, from the consortium CA."""
+    return PeerAuth(Round.pki.identity("node", f"secagg-{node}"))
+
+
+def enrolled(node):
+    """The fingerprint the coordinator knows node ``node`` by."""
+    return Round.pki.identity("node", f"secagg-{node}").fingerprint
+
+
 class Round:
     """One round between real SecAggNodes and a SecAggServer, with stages driven by the test."""
+
+    pki = None  # the consortium's, set for each test
 
     def __init__(self, n, length=1001, settings=SecureAggregationSpec(), job="job", round=1, seed=0):
         self.ids = [100 + 7 * i for i in range(n)]
         self.server = SecAggServer(job, round, self.ids, settings, length, CLIP, rng=random.Random(seed))
-        self.nodes = {i: SecAggNode(job, round, i) for i in self.ids}
+        self.nodes = {i: SecAggNode(job, round, i, auth(i)) for i in self.ids}
         self.rng = np.random.default_rng(seed)
         self.updates = {}  # node -> (weight, update): what each node would have sent in the clear
 
     def keys(self, skip=()):
         for i, req in self.server.setup_requests().items():
             if i not in skip:
-                self.server.add_keys(i, self.nodes[i].setup(req))
+                self.server.add_keys(i, self.nodes[i].setup(req), enrolled(i))
 
     def shares(self, skip=()):
         for i, req in self.server.share_keys_requests().items():
@@ -203,7 +226,7 @@ def test_a_node_answers_unmask_once_and_never_with_both_kinds_for_a_peer():
 
 
 def test_a_node_refuses_unsafe_parameters():
-    node = SecAggNode("j", 1, 1)
+    node = SecAggNode("j", 1, 1, auth(1))
     with pytest.raises(SecAggError, match="more than half"):
         node.setup(pb.SecAggSetup(num_nodes=4, neighbours=[2, 3, 4], threshold=2, quant_bits=20))
     with pytest.raises(SecAggError, match="wrap around"):
@@ -236,12 +259,12 @@ def test_the_server_rejects_bad_input_with_the_reason():
     a, b, c = r.ids
     r.keys()
     with pytest.raises(WireError, match="node 999, which is not part of this round"):
-        r.server.add_keys(999, pb.PublicKeys(node_id=999))
+        r.server.add_keys(999, pb.PublicKeys(node_id=999), None)
     with pytest.raises(WireError, match=f"node {a} already sent its public keys"):
-        r.server.add_keys(a, r.server.keys[a])
+        r.server.add_keys(a, r.server.keys[a], enrolled(a))
     requests = r.server.share_keys_requests()
     with pytest.raises(WireError, match="arrived after the stage closed"):
-        r.server.add_keys(a, r.server.keys[a])
+        r.server.add_keys(a, r.server.keys[a], enrolled(a))
     shares = r.nodes[a].share_keys(requests[a])
     wrong = pb.EncryptedShares(shares=[shares.shares[0]])
     with pytest.raises(WireError, match=f"must send one share to each of nodes \\[{b}, {c}\\]"):
@@ -284,7 +307,7 @@ def test_quantization_round_trip_and_clipping():
     bits = quant_bits(4)
     total = sum(encode({"x": u}, 0.5, CLIP, bits)[0] for u in updates)
     weight, summed = decode_sum(total, 4, CLIP, bits)
-    exact = sum(np.clip(0.5 * u, -CLIP, CLIP) for u in updates)
+    exact = sum(0.5 * np.clip(u, -CLIP, CLIP) for u in updates)  # clipped, then weighted
     assert abs(weight - 2.0) <= error_bound(4, 1.0, bits)
     assert np.abs(summed - exact).max() <= error_bound(4, CLIP, bits)
     assert encode({"x": np.array([2.0, -2.0, 0.1])}, 0.5, CLIP, bits)[1] == 2
@@ -302,3 +325,100 @@ def test_the_job_option_defaults_and_its_errors():
         make_spec(min_nodes=3, secure_aggregation={"neighbours": 4})
     with pytest.raises(SpecError, match="threshold"):
         make_spec(min_nodes=3, secure_aggregation={"threshold": 0.4})
+
+
+def _signed_as(identity, keys, job="job", round=1):
+    """``keys`` signed with ``identity``'s certificate key, whatever its role."""
+    key = serialization.load_pem_private_key(identity.key_pem, password=None)
+    keys.certificate = x509.load_pem_x509_certificate(identity.cert_pem).public_bytes(serialization.Encoding.DER)
+    keys.signature = key.sign(signed_bytes(job, round, keys), ec.ECDSA(hashes.SHA256()))
+    return keys
+
+
+@pytest.mark.parametrize("forgery, error", [
+    ("operator certificate", "come with a operator certificate"),
+    ("coordinator certificate", "certificate the consortium CA does not vouch for"),
+    ("expired node certificate", "certificate the consortium CA does not vouch for"),
+    ("this node's own certificate", "this node's own certificate"),
+    ("a certificate another peer uses", "advertises with the certificate of another peer"),
+    ("signed for another job", "are not signed by"),
+    ("keys changed after signing", "are not signed by"),
+])
+def test_a_node_sends_shares_only_to_peers_that_are_consortium_nodes(forgery, error):
+    r = Round(3)
+    r.keys()
+    a, b, c = r.ids
+    request = r.server.share_keys_requests()[a]
+    keys = {k.node_id: k for k in request.keys}
+    pki = Round.pki
+    forged = pb.PublicKeys()
+    forged.CopyFrom(keys[c])
+    if forgery == "operator certificate":
+        _signed_as(pki.identity("operator", "operator"), forged)
+    elif forgery == "coordinator certificate":
+        _signed_as(pki.identity("coordinator", "coordinator"), forged)
+    elif forgery == "expired node certificate":
+        old = tls.issue(pki.root / "ca", "node", "expired", pki.root / "expired", days=1,
+                        not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
+        _signed_as(old, forged)
+    elif forgery == "this node's own certificate":
+        _signed_as(pki.identity("node", f"secagg-{a}"), forged)
+    elif forgery == "a certificate another peer uses":
+        _signed_as(pki.identity("node", f"secagg-{b}"), forged)
+    elif forgery == "signed for another job":
+        _signed_as(pki.identity("node", f"secagg-{c}"), forged, job="another-job")
+    else:
+        forged.seed_commitment = bytes(32)
+    request = pb.SecAggShareKeys(keys=[keys[b], forged])
+    with pytest.raises(SecAggError, match=error):
+        r.nodes[a].share_keys(request)
+    # The genuine advertisements alone pass the same checks.
+    r = Round(3)
+    r.keys()
+    r.shares()
+
+
+def test_a_node_needs_enough_authenticated_peers_for_the_threshold():
+    r = Round(5)
+    r.keys()
+    a = r.ids[0]
+    request = r.server.share_keys_requests()[a]
+    with pytest.raises(SecAggError, match=r"only 2 of this node's 5 share holders advertised authenticated keys; 3"):
+        r.nodes[a].share_keys(pb.SecAggShareKeys(keys=request.keys[:1]))
+
+
+def test_the_coordinator_relays_only_keys_signed_with_the_certificate_a_node_enrolled():
+    r = Round(3)
+    a, b, c = r.ids
+    requests = r.server.setup_requests()
+    keys = {i: r.nodes[i].setup(requests[i]) for i in r.ids}
+    unsigned = pb.PublicKeys(node_id=a, encryption_key=keys[a].encryption_key, mask_key=keys[a].mask_key,
+                             seed_commitment=keys[a].seed_commitment)
+    with pytest.raises(WireError, match=f"node {a} must be signed for job job round 1 by the node certificate"):
+        r.server.add_keys(a, unsigned, enrolled(a))
+    with pytest.raises(WireError, match=f"node {a} come with another certificate than the one it enrolled with"):
+        r.server.add_keys(a, keys[a], enrolled(b))
+    r.server.add_keys(a, keys[a], enrolled(a))
+
+
+def test_sums_that_no_honest_nodes_can_send_are_rejected():
+    n, bits, max_weight = 3, quant_bits(3), 10_000
+    # Honest extremes: the smallest and largest weights, updates at the clip range and beyond.
+    honest = [encode({"x": np.full(20, sign * 5 * CLIP)}, w, CLIP, bits)[0]
+              for w, sign in ((1 / max_weight, 1), (1.0, 1), (1.0, -1))]
+    check_sum(*decode_sum(sum(honest), n, CLIP, bits), n, CLIP, bits, max_weight)
+    extreme = [encode({"x": np.full(20, 5 * CLIP)}, 1 / max_weight, CLIP, bits)[0]] * n
+    check_sum(*decode_sum(sum(extreme), n, CLIP, bits), n, CLIP, bits, max_weight)
+    # A forged vector: weight element 0 (w = -1), update elements at the field's maximum.
+    forged = np.full(21, np.iinfo(np.uint32).max, dtype=np.uint32)
+    forged[0] = 0
+    with pytest.raises(ImpossibleAggregate, match=r"weights sum to \S+, outside \[0\.0003, 3\]"):
+        check_sum(*decode_sum(honest[0] + honest[1] + forged, n, CLIP, bits), n, CLIP, bits, max_weight)
+    # The weight element tuned so that the weights sum to a possible 4/max_weight.
+    step = 2.0 / (1 << bits)
+    forged[0] = round((4 / max_weight - 2 / max_weight + 1) / step)
+    small = [encode({"x": np.zeros(20)}, 1 / max_weight, CLIP, bits)[0]] * 2
+    weight, total = decode_sum(sum(small) + forged, n, CLIP, bits)
+    assert abs(weight - 4 / max_weight) < 1e-6
+    with pytest.raises(ImpossibleAggregate, match="a coordinate of the weighted sum is"):
+        check_sum(weight, total, n, CLIP, bits, max_weight)

@@ -1,7 +1,11 @@
+import json
+
 import pytest
 
-from fedtrain.errors import SpecError
-from fedtrain.policy import Decision, NodePolicy, load_policy, review_job
+from fedtrain.errors import SpecError, WireError
+from fedtrain.policy import Decision, NodePolicy, load_policy
+from fedtrain.protocol.refusal import Reason, Refusal, check_refusal, parse_refusal
+from nodes.admission import admit, review
 from fedtrain.privacy.ledger import PrivacyLedger
 from fedtrain.spec import job_spec_from_json, load_job_spec, parse_job_spec
 
@@ -54,32 +58,64 @@ def ledger(tmp_path):
     led.close()
 
 
+def policy(**over):
+    return NodePolicy(max_epsilon=2.0, dataset_size=150, **over)
+
+
 def test_review_accepts_within_policy_or_waits_for_approval(ledger):
     spec = make_spec()
-    assert review_job(spec, NodePolicy(max_epsilon=2.0), ledger, 150).decision is Decision.ACCEPTED
-    pending = review_job(spec, NodePolicy(max_epsilon=2.0, require_approval=True), ledger, 150)
-    assert pending.decision is Decision.PENDING_APPROVAL
+    assert admit("j", spec.canonical_json(), policy(), ledger, None).decision is Decision.ACCEPTED
+    pending = admit("j", spec.canonical_json(), policy(require_approval=True), ledger, None)
+    assert pending.decision is Decision.PENDING_APPROVAL and pending.refusal.text() == "pending-approval"
 
 
-def test_review_names_every_violation(ledger):
+def test_review_names_every_violation_locally_and_sends_typed_reasons(ledger):
     spec = make_spec(model={"kind": "mlp", "hidden": [8]}, training={"rounds": 5}, privacy={"delta": 1e-3})
-    policy = NodePolicy(max_epsilon=2.0, allowed_models=["logistic"], max_rounds_per_job=3,
-                        require_secure_aggregation=True)
-    review = review_job(spec, policy, ledger, 150)
-    assert review.decision is Decision.REFUSED
-    assert "'mlp' is not in allowed_models" in review.reason
-    assert "5 rounds exceed max_rounds_per_job 3" in review.reason
-    assert "delta 0.001 is larger" in review.reason
-    assert "requires secure aggregation" in review.reason
-    secure = make_spec(min_nodes=3)
-    assert review_job(secure, NodePolicy(max_epsilon=2.0, require_secure_aggregation=True), ledger, 150).decision \
-        is Decision.ACCEPTED
+    strict = policy(allowed_models=["logistic"], max_rounds_per_job=3, require_secure_aggregation=True)
+    problems = review(spec, strict, ledger)
+    detail = "; ".join(p.detail for p in problems)
+    assert "'mlp' is not in allowed_models" in detail
+    assert "training.rounds (5) exceeds the policy's max_rounds_per_job 3" in detail
+    assert "delta 0.001 is larger" in detail
+    assert "requires secure aggregation" in detail
+    texts = {p.refusal.text() for p in problems}
+    assert texts == {'model-not-allowed: model.kind="mlp"', "delta-too-large: policy.delta=1e-05, privacy.delta=0.001",
+                     "secure-aggregation-required: policy.require_secure_aggregation=true",
+                     "limit-exceeded: policy.max_rounds_per_job=3, training.rounds=5"}
+    for p in problems:  # each is what the egress check lets through
+        check_refusal(parse_refusal(p.refusal.text()), json.loads(spec.canonical_json()), strict.document())
+    assert not review(make_spec(min_nodes=3), policy(require_secure_aggregation=True), ledger)
+
+
+def test_compute_limits_are_checked_on_the_spec(ledger):
+    wide = make_spec(model={"kind": "mlp", "hidden": [512, 512]})
+    assert [p.refusal.text() for p in review(wide, policy(max_trainable_parameters=1000), ledger)] == [
+        "limit-exceeded: policy.max_trainable_parameters=1000"]
+    # 100 local epochs over 150 declared rows in batches of 32: 500 steps a round.
+    long = make_spec(training={"local_epochs": 100})
+    assert [p.refusal.text() for p in review(long, policy(max_steps_per_round=499), ledger)] == [
+        "limit-exceeded: policy.max_steps_per_round=499"]
+    assert not review(long, policy(max_steps_per_round=500), ledger)
 
 
 def test_review_refuses_a_job_that_does_not_fit_the_budget(ledger):
-    review = review_job(make_spec(privacy={"epsilon": 3.0}), NodePolicy(max_epsilon=2.0), ledger, 150)
-    assert review.decision is Decision.REFUSED
-    assert "privacy budget exceeded" in review.reason and "remaining 2.0000" in review.reason
+    problems = review(make_spec(privacy={"epsilon": 3.0}), policy(), ledger)
+    assert [p.refusal.text() for p in problems] == ["budget-exceeded: policy.max_epsilon=2.0"]
+    # The numbers of the ledger (spends of other jobs) stay in the node's log.
+    assert "privacy budget exceeded" in problems[0].detail and "remaining 2.0000" in problems[0].detail
+
+
+def test_refusals_parse_back_and_the_egress_rule_rejects_other_values():
+    spec = json.loads(make_spec().canonical_json())
+    owner = policy().document()
+    text = Refusal(Reason.LIMIT_EXCEEDED, {"training.rounds": 2, "policy.max_rounds_per_job": 100}).text()
+    assert parse_refusal(text).values == {"training.rounds": 2, "policy.max_rounds_per_job": 100}
+    check_refusal(parse_refusal(text), spec, owner)
+    for bad in ("label '81391.88' is not a class index", "budget-exceeded: remaining=0.2",
+                'spec-invalid: data.label="patient 7 tested negative"', "limit-exceeded: training.rounds=3",
+                'task-not-allowed: task="x", task="y"', "budget-exceeded: policy.max_epsilon=2.0 "):
+        with pytest.raises(WireError):
+            check_refusal(parse_refusal(bad), spec, owner)
 
 
 def test_the_audit_log_is_a_hash_chain_and_verify_names_each_kind_of_tampering(tmp_path):
@@ -114,3 +150,31 @@ def test_the_audit_log_is_a_hash_chain_and_verify_names_each_kind_of_tampering(t
     last = tamper("last", lambda ls: ls[:4] + [ls[4].replace("SubmitResult", "Poll")])
     assert last and "the head says 5 entries" in last[0]
     assert "the head says 5 entries" in tamper("cut", lambda ls: ls[:3])[0]
+
+
+def test_the_node_egress_check_stops_free_text_and_data_derived_metrics():
+    from fedtrain.protocol import fedtrain_pb2 as pb
+    from fedtrain.protocol.codec import encode_values
+    from fedtrain.privacy.accounting import plan_round
+    from nodes import egress
+
+    spec, owner = make_spec(), policy()
+    ok = Refusal(Reason.LIMIT_EXCEEDED, {"training.rounds": 2, "policy.max_rounds_per_job": 100}).text()
+    egress.check(pb.OfferAnswer(job_id="j", reason=ok), spec, owner)
+    with pytest.raises(egress.EgressViolation):
+        egress.check(pb.OfferAnswer(job_id="j", reason="label '81391.88' is not a class index"), spec, owner)
+
+    def result(**metrics):
+        header = pb.ResultHeader(task_id="t", metrics=encode_values(metrics))
+        return list(egress.check(iter([pb.ResultPart(header=header), pb.ResultPart(tensor=pb.TensorChunk())]),
+                                 spec, owner))
+
+    plan = plan_round(spec, owner.dataset_size)
+    honest = {"num-examples": owner.dataset_size, "noise-multiplier": plan.noise_multiplier,
+              "sample-rate": plan.sample_rate, "steps": plan.steps}
+    assert len(result(**honest)) == 2
+    for bad in ({**honest, "num-examples": 137},          # the real row count
+                {**honest, "training-loss": 0.31},        # an un-noised statistic
+                {**honest, "steps": plan.steps + 1}):     # a plan from the real row count
+        with pytest.raises(egress.EgressViolation):
+            result(**bad)

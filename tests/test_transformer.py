@@ -13,7 +13,7 @@ from fedtrain.models import (
 )
 from fedtrain.models.transformer import BaseModelMismatch, weights_digest
 from fedtrain.privacy.accounting import plan_round
-from fedtrain.privacy.engine import train_private
+from fedtrain.privacy.engine import expected_batch_size, train_private
 from fedtrain.spec import parse_job_spec
 
 from conftest import llm_spec, sentences, write_texts
@@ -121,7 +121,7 @@ def test_a_dp_round_on_the_tiny_llm_lowers_its_loss_and_records_the_plan(tiny_ll
     before = evaluate(model, data, spec)["loss"]
     frozen = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
     plan = plan_round(spec, len(data))
-    result = train_private(model, data, spec, plan)
+    result = train_private(model, data, spec, plan, expected_batch_size(plan, len(data)))
     assert result.plan == plan
     assert evaluate(model, data, spec)["loss"] < before - 0.2
     for k, p in model.named_parameters():  # the base never moves
@@ -168,8 +168,10 @@ def test_text_files_in_csv_jsonl_and_parquet_read_the_same(minilm_digest, tmp_pa
 def test_a_node_whose_base_model_differs_refuses_the_job_before_training(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from fedtrain.policy import Decision, NodePolicy, review_job
+    from fedtrain.models import parameter_counts
+    from fedtrain.policy import NodePolicy
     from fedtrain.privacy.ledger import PrivacyLedger
+    from nodes.admission import review
 
     # The node's copy of the base: same architecture and tokenizer, other weights.
     other = tmp_path / "node-copy"
@@ -180,13 +182,27 @@ def test_a_node_whose_base_model_differs_refuses_the_job_before_training(tiny_ll
         (other / f.name).write_bytes(f.read_bytes())
     spec = llm_spec(tiny_llama, model={"base": str(other)})  # the job pins tiny_llama's hash
     ledger = PrivacyLedger(tmp_path / "ledger.db", max_epsilon=10.0, delta=1e-5)
-    review = review_job(spec, NodePolicy(max_epsilon=10.0), ledger, 100)
-    assert review.decision is Decision.REFUSED
-    assert "holds a different base model" in review.reason and spec.model.sha256[:16] in review.reason
+    roots = {"model_roots": [tiny_llama.parent, tmp_path]}
+    problems = review(spec, NodePolicy(max_epsilon=10.0, dataset_size=100, **roots), ledger)
+    assert [p.refusal.text() for p in problems] == [f'base-unavailable: model.sha256="{spec.model.sha256}"']
+    assert "holds a different base model" in problems[0].detail
 
     same = llm_spec(tiny_llama)
-    assert review_job(same, NodePolicy(max_epsilon=10.0), ledger, 100).decision is Decision.ACCEPTED
-    allow_other = NodePolicy(max_epsilon=10.0, allowed_base_models=[weights_digest(other)])
-    assert "not in allowed_base_models" in review_job(same, allow_other, ledger, 100).reason
-    assert "'transformer' is not in allowed_models" in review_job(
-        same, NodePolicy(max_epsilon=10.0, allowed_models=["logistic"]), ledger, 100).reason
+    assert not review(same, NodePolicy(max_epsilon=10.0, dataset_size=100, **roots), ledger)
+    allow_other = NodePolicy(max_epsilon=10.0, dataset_size=100, allowed_base_models=[weights_digest(other)], **roots)
+    assert "not in allowed_base_models" in review(same, allow_other, ledger)[0].detail
+    assert "'transformer' is not in allowed_models" in review(
+        same, NodePolicy(max_epsilon=10.0, dataset_size=100, allowed_models=["logistic"], **roots), ledger)[0].detail
+    # A base outside the owner's model roots is refused on its path: the disk is not probed.
+    for base in (str(tiny_llama), "/etc", str(tmp_path / ".." / tiny_llama.parent.name / tiny_llama.name)):
+        outside = llm_spec(tiny_llama, model={"base": base})
+        problems = review(outside, NodePolicy(max_epsilon=10.0, dataset_size=100, model_roots=[tmp_path]), ledger)
+        assert [p.refusal.reason.value for p in problems] == ["base-not-allowed"], base
+    link = tmp_path / "link"
+    link.symlink_to(tiny_llama)  # inside the roots by name, outside once resolved
+    problems = review(llm_spec(tiny_llama, model={"base": str(link)}),
+                      NodePolicy(max_epsilon=10.0, dataset_size=100, model_roots=[tmp_path]), ledger)
+    assert [p.refusal.reason.value for p in problems] == ["base-not-allowed"]
+    # The adapter's size is counted on the meta device, before any weight is loaded.
+    total, trainable = parameter_counts(same)
+    assert trainable == sum(a.size for a in initial_state(same).values()) and total > trainable

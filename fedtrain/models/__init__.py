@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedtrain.data import DataCheck
 from fedtrain.models import tabular, transformer
 from fedtrain.protocol.codec import TensorInfo, manifest_of
 from fedtrain.spec import JobSpec
@@ -40,9 +41,21 @@ def build_model(spec: JobSpec, seed: int = 0) -> nn.Module:
         return transformer.build(spec) if _is_transformer(spec) else tabular.build(spec)
 
 
-def load_dataset(path: str | Path, spec: JobSpec) -> TensorDataset:
-    """A local data file as tensors (text is tokenised here, on the machine that holds it)."""
-    return transformer.load_dataset(path, spec) if _is_transformer(spec) else tabular.load_dataset(path, spec)
+def load_dataset(path: str | Path, spec: JobSpec, check: DataCheck | None = None) -> TensorDataset:
+    """A local data file as tensors (text is tokenised here, on the machine that holds it).
+
+    Without ``check`` the first bad row raises; a node reads its own data with one, which
+    skips bad rows and notes them for the owner (see ``fedtrain.data.DataCheck``).
+    """
+    return (transformer if _is_transformer(spec) else tabular).load_dataset(path, spec, check)
+
+
+def parameter_counts(spec: JobSpec) -> tuple[int, int]:
+    """(total, trainable) parameters of the job's model, counted without loading any weights."""
+    if _is_transformer(spec):
+        return transformer.parameter_counts(spec)
+    n = spec.tabular_parameters()
+    return n, n
 
 
 def trainable_state(model: nn.Module) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedtrain.data import load_table
+from fedtrain.data import DataCheck, load_table
 from fedtrain.spec import JobSpec
 
 
@@ -21,7 +21,7 @@ def build(spec: JobSpec) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def load_dataset(path: str | Path, spec: JobSpec) -> TensorDataset:
+def load_dataset(path: str | Path, spec: JobSpec, check: DataCheck | None = None) -> TensorDataset:
     """(features, labels) of a local CSV table."""
-    table = load_table(path, spec.data, spec.model.num_classes)
+    table = load_table(path, spec.data, spec.model.num_classes, check)
     return TensorDataset(torch.from_numpy(table.features), torch.from_numpy(table.labels))

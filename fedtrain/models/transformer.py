@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedtrain.data import load_text
+from fedtrain.data import DataCheck, load_text
 from fedtrain.errors import FedtrainError, SpecError
 from fedtrain.spec import JobSpec
 
@@ -121,6 +121,25 @@ def lora_config(spec: JobSpec):
     )
 
 
+def parameter_counts(spec: JobSpec) -> tuple[int, int]:
+    """(total, trainable) parameters of the adapted base, built on the meta device from its
+    config alone: a node sizes a job before it loads (or trusts) any weights."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(verified_base(spec), local_files_only=True, trust_remote_code=False)
+    if spec.task != "causal-lm":
+        config.num_labels = len(spec.data.classes)
+    auto = AutoModelForCausalLM if spec.task == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    try:
+        trainable, total = get_peft_model(model, lora_config(spec)).get_nb_trainable_parameters()
+    except ValueError as err:
+        raise SpecError(f"adapter does not fit base model {spec.model.base!r}: {err}") from None
+    return int(total), int(trainable)
+
+
 def build(spec: JobSpec) -> nn.Module:
     """The base with a fresh LoRA adapter; only the adapter (and a classification head) trains."""
     from peft import get_peft_model
@@ -132,13 +151,16 @@ def build(spec: JobSpec) -> nn.Module:
         raise SpecError(f"adapter does not fit base model {spec.model.base!r}: {err}") from None
 
 
-def load_dataset(path: str | Path, spec: JobSpec) -> TensorDataset:
+def load_dataset(path: str | Path, spec: JobSpec, check: DataCheck | None = None) -> TensorDataset:
     """Tokenise a local text file: (input_ids, attention_mask[, labels])."""
-    table = load_text(path, spec.data)
-    tokenizer = load_tokenizer(verified_base(spec))
-    enc = tokenizer(table.texts, padding="max_length", truncation=True, max_length=spec.model.max_length,
-                    return_tensors="pt")
-    tensors = [enc["input_ids"], enc["attention_mask"]]
+    table = load_text(path, spec.data, check)
+    length = spec.model.max_length
+    if table.texts:
+        enc = load_tokenizer(verified_base(spec))(table.texts, padding="max_length", truncation=True,
+                                                  max_length=length, return_tensors="pt")
+        tensors = [enc["input_ids"], enc["attention_mask"]]
+    else:  # no usable row: training takes noise-only steps
+        tensors = [torch.zeros((0, length), dtype=torch.long), torch.zeros((0, length), dtype=torch.long)]
     if table.labels is not None:
         tensors.append(torch.from_numpy(table.labels))
     return TensorDataset(*tensors)

@@ -41,28 +41,23 @@ def plan_round(spec: JobSpec, num_examples: int) -> RoundPlan:
     """The noise, sample rate and steps a node uses for each round of ``spec``.
 
     Deterministic in (spec, dataset size): the node's pre-check, its training and
-    its ledger all derive the same numbers.
+    its ledger all derive the same numbers. A node passes the size its policy declares,
+    so that none of them depends on its data.
     """
     if num_examples < 1:
         raise ValueError("a node needs at least one example to train")
-    # Calibration is a search over Opacus's accountant (about a second): do it once per job.
-    return _plan(spec.canonical_json(), num_examples)
-
-
-@functools.lru_cache(maxsize=64)
-def _plan(spec_json: str, num_examples: int) -> RoundPlan:
-    spec = JobSpec.model_validate_json(spec_json)
     per_epoch = batches_per_epoch(num_examples, spec.training.batch_size)
-    sample_rate = 1.0 / per_epoch
     steps = per_epoch * spec.training.local_epochs
-    sigma = get_noise_multiplier(
-        target_epsilon=spec.privacy.epsilon,
-        target_delta=spec.privacy.delta,
-        sample_rate=sample_rate,
-        steps=steps * spec.training.rounds,
-        accountant=spec.privacy.accountant,
-    )
-    return RoundPlan(noise_multiplier=float(sigma), sample_rate=sample_rate, steps=steps)
+    sigma = _noise(spec.privacy.epsilon, spec.privacy.delta, 1.0 / per_epoch, steps * spec.training.rounds,
+                   spec.privacy.accountant)
+    return RoundPlan(noise_multiplier=sigma, sample_rate=1.0 / per_epoch, steps=steps)
+
+
+@functools.lru_cache(maxsize=256)
+def _noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    # Calibration is a search over Opacus's accountant (seconds): once per set of DP parameters.
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant))
 
 
 def epsilon(history: Iterable[tuple[float, float, int]], delta: float) -> float:

@@ -1,8 +1,9 @@
 """DP-SGD training of one round on a node, with Opacus.
 
-One entry point, :func:`train_private`: it trains with the round's planned noise
-and sample rate and returns what Opacus's own accountant recorded, which is
-what the node charges to its ledger. Only trainable parameters are wrapped: a
+One entry point, :func:`train_round`: from the global model's trainable tensors it
+trains one round with the planned noise and sample rate, checks that Opacus's own
+accountant recorded exactly that plan (what the node charges to its ledger) and that
+only the job's trainable tensors come out. Only trainable parameters are wrapped: a
 frozen base model (LoRA) gets no per-example gradients and no noise.
 """
 
@@ -11,66 +12,121 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-from fedtrain.models import loss_fn
+from fedtrain.errors import FedtrainError
+from fedtrain.models import build_model, load_trainable_state, loss_fn, trainable_state
+from fedtrain.protocol.codec import manifest_of
 from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.spec import JobSpec
-from fedtrain.training import loader, run_epochs, sgd
+from fedtrain.training import run_epochs, sgd
 
 
 @dataclass(frozen=True)
 class PrivateRound:
-    loss: float
+    loss: float      # a statistic of the data without noise: it stays on the node
     plan: RoundPlan  # as recorded by Opacus's accountant, not as requested
 
 
-def train_private(
-    model: nn.Module, dataset: Dataset, spec: JobSpec, plan: RoundPlan, proximal_mu: float = 0.0
-) -> PrivateRound:
+@dataclass(frozen=True)
+class LocalUpdate:
+    arrays: dict[str, np.ndarray]  # the trained trainable tensors: the only release
+    loss: float
+
+
+def expected_batch_size(plan: RoundPlan, dataset_size: int) -> int:
+    """The batch size DP-SGD averages by: public (the declared dataset size times the sample
+    rate), since dividing by a count of the real rows would scale the release by a statistic
+    of the data."""
+    return max(1, round(dataset_size * plan.sample_rate))
+
+
+def _poisson_loader(dataset: TensorDataset, sample_rate: float) -> DataLoader:
+    """Batches that hold each row independently with probability ``sample_rate``, for
+    ``round(1 / sample_rate)`` steps an epoch, whatever the number of rows (none included):
+    the sampling rate is the plan's, not the data's."""
+    if len(dataset):
+        sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate)
+    else:  # Opacus's sampler refuses zero rows; the steps (all empty) must still be taken
+        sampler = [[]] * int(1 / sample_rate)
+    empty = tuple(t[:0] for t in dataset.tensors)
+
+    def collate(rows: list) -> tuple[torch.Tensor, ...]:
+        return default_collate(rows) if rows else empty
+
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+
+def train_private(model: nn.Module, dataset: TensorDataset, spec: JobSpec, plan: RoundPlan,
+                  batch_size: int) -> PrivateRound:
     """Train ``model`` in place for one round of DP-SGD (Poisson sampling, flat clipping).
 
-    ``proximal_mu`` > 0 adds FedProx's proximal pull towards the round's starting
-    weights. It is applied after the noisy step: it does not touch the data, so it
-    is post-processing and costs no privacy.
+    Every value that steers the round is public: the plan (from the spec and the node's
+    declared dataset size), ``batch_size`` (see :func:`expected_batch_size`) and the spec.
+    FedProx's ``strategy.params.proximal_mu`` > 0 adds its proximal pull towards the
+    round's starting weights after each noisy step: it does not touch the data, so it is
+    post-processing and costs no privacy.
     """
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     global_weights = [p.detach().clone() for p in trainable]
+    proximal_mu = float(spec.strategy.params.get("proximal_mu", 0.0)) if spec.strategy.name == "fedprox" else 0.0
     # Noise and batch sampling must be unpredictable. Opacus's secure_mode needs torchcsprng
     # (no build for this torch), so both RNGs are seeded from the OS's CSPRNG instead;
-    # Opacus's Poisson sampler draws from the process's RNG.
-    torch.manual_seed(secrets.randbits(63))
-    engine = PrivacyEngine(accountant=spec.privacy.accountant)
-    dp_model, optimizer, dp_loader = engine.make_private(
-        module=model,
-        optimizer=sgd(model, spec.training),
-        data_loader=loader(dataset, spec.training.batch_size),
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=spec.privacy.max_grad_norm,
-        poisson_sampling=True,
-        noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
-    )
-    lr = spec.training.learning_rate
+    # the Poisson sampler draws from the process's RNG, forked so that no caller's RNG moves.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(secrets.randbits(63))
+        engine = PrivacyEngine(accountant=spec.privacy.accountant)
+        # The loader already samples at the plan's rate: Opacus records 1 / len(loader) steps.
+        dp_model, optimizer, dp_loader = engine.make_private(
+            module=model,
+            optimizer=sgd(model, spec.training),
+            data_loader=_poisson_loader(dataset, plan.sample_rate),
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=spec.privacy.max_grad_norm,
+            poisson_sampling=False,
+            noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
+        )
+        optimizer.expected_batch_size = batch_size
+        lr = spec.training.learning_rate
 
-    def proximal_pull() -> None:
-        with torch.no_grad():
-            for p, g in zip(trainable, global_weights):
-                p.sub_(lr * proximal_mu * (p - g))
+        def proximal_pull() -> None:
+            with torch.no_grad():
+                for p, g in zip(trainable, global_weights):
+                    p.sub_(lr * proximal_mu * (p - g))
 
-    def empty_batch() -> None:
-        # No example drawn: zero per-example gradients, so the step adds noise only.
-        for p in trainable:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        def empty_batch() -> None:
+            # No example drawn: zero per-example gradients, so the step adds noise only.
+            for p in trainable:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
 
-    loss, _ = run_epochs(
-        dp_model, optimizer, dp_loader, spec.training.local_epochs, loss_fn(spec),
-        proximal_pull if proximal_mu > 0 else None, empty_batch,
-    )
+        loss, _ = run_epochs(
+            dp_model, optimizer, dp_loader, spec.training.local_epochs, loss_fn(spec),
+            proximal_pull if proximal_mu > 0 else None, empty_batch,
+        )
     history = engine.accountant.history
     # One (noise, rate, steps) entry, since noise and rate are fixed for the round.
     (sigma, rate, steps), = history
     return PrivateRound(loss=loss, plan=RoundPlan(noise_multiplier=sigma, sample_rate=rate, steps=steps))
+
+
+def train_round(spec: JobSpec, dataset: TensorDataset, start: dict[str, np.ndarray], plan: RoundPlan,
+                batch_size: int) -> LocalUpdate:
+    """One node's round: the job's model from ``start``, trained under ``plan`` (see
+    :func:`train_private`); raises FedtrainError, and nothing may be sent, if Opacus recorded
+    another plan or the model holds other tensors than it started from."""
+    model = build_model(spec)
+    load_trainable_state(model, start)
+    result = train_private(model, dataset, spec, plan, batch_size)
+    if result.plan != plan:
+        raise FedtrainError(f"training recorded {result.plan}, not the planned {plan}; nothing is sent")
+    update = trainable_state(model)
+    if manifest_of(update) != manifest_of(start):
+        # Only the job's trainable tensors may leave: never a base-model tensor or an input.
+        raise FedtrainError(f"the update holds {sorted(update)}, not the job's trainable tensors; nothing is sent")
+    return LocalUpdate(arrays=update, loss=result.loss)

@@ -188,16 +188,20 @@ class SecAggSetup(_message.Message):
     def __init__(self, num_nodes: _Optional[int] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., quant_bits: _Optional[int] = ...) -> None: ...
 
 class PublicKeys(_message.Message):
-    __slots__ = ("node_id", "encryption_key", "mask_key", "seed_commitment")
+    __slots__ = ("node_id", "encryption_key", "mask_key", "seed_commitment", "certificate", "signature")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_KEY_FIELD_NUMBER: _ClassVar[int]
     MASK_KEY_FIELD_NUMBER: _ClassVar[int]
     SEED_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     encryption_key: bytes
     mask_key: bytes
     seed_commitment: bytes
-    def __init__(self, node_id: _Optional[int] = ..., encryption_key: _Optional[bytes] = ..., mask_key: _Optional[bytes] = ..., seed_commitment: _Optional[bytes] = ...) -> None: ...
+    certificate: bytes
+    signature: bytes
+    def __init__(self, node_id: _Optional[int] = ..., encryption_key: _Optional[bytes] = ..., mask_key: _Optional[bytes] = ..., seed_commitment: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class SecAggShareKeys(_message.Message):
     __slots__ = ("keys",)

@@ -2,18 +2,23 @@
 
 A node's contribution is one uint32 vector: its weight ``w`` in (0, 1] followed by
 ``w * update``, the update being its change to the global model, flattened in the
-sorted order of the tensor names. Each element is clipped to ``[-R, R]`` (the weight to
-``[-1, 1]``) and stochastically rounded onto ``T + 1 = 2^quant_bits + 1`` levels with
-Flower's quantizer, so rounding is unbiased and each element's error is below one step
-``2R / T``. Vectors add modulo 2^32; with ``n`` inputs each below ``T``, the sum
-never wraps as long as ``n * T < 2^32``, which ``quant_bits`` guarantees. uint32 is
-also what keeps a masked update as small on the wire as a float32 one.
+sorted order of the tensor names and clipped to ``[-R, R]`` before it is weighted. Each
+element is stochastically rounded onto ``T + 1 = 2^quant_bits + 1`` levels of ``[-R, R]``
+(the weight of ``[-1, 1]``) with Flower's quantizer, so rounding is unbiased and each
+element's error is below one step ``2R / T``. Vectors add modulo 2^32; with ``n``
+inputs each below ``T``, the sum never wraps as long as ``n * T < 2^32``, which
+``quant_bits`` guarantees. uint32 is also what keeps a masked update as small on the
+wire as a float32 one.
 
 The default ``R`` comes from the job's DP-SGD clipping bound ``C``: one step moves a
 coordinate by at most ``lr * C`` through the clipped gradients (``1 / (1 - momentum)``
 times that with momentum), plus Gaussian noise. ``R`` allows 16 such steps per local
 epoch; updates that reach it are clipped, which biases the aggregate but, being
 post-processing of a DP output, costs no privacy.
+
+Clipping before weighting is also what lets the coordinator tell a possible sum from an
+impossible one (``check_sum``): honest inputs have weights in ``[1/max_weight, 1]`` and a
+weighted average within ``[-R, R]`` in every coordinate, whatever their example counts.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.common.secure_aggregation.quantization import quantize
 
+from fedtrain.errors import SecAggError
 from fedtrain.protocol.codec import TensorInfo
 from fedtrain.spec import JobSpec
 
@@ -31,6 +37,10 @@ MODULUS_BITS = 32
 FIELD = np.uint32
 MASKED_TENSOR = "secagg.masked"
 _STEPS_PER_EPOCH = 16
+
+
+class ImpossibleAggregate(SecAggError):
+    """The unmasked sum is not one that honest nodes' vectors can add up to."""
 
 
 def clip_range(spec: JobSpec) -> float:
@@ -62,13 +72,12 @@ def masked_manifest(manifest: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]
 
 
 def encode(update: Mapping[str, np.ndarray], weight: float, clip: float, bits: int) -> tuple[np.ndarray, int]:
-    """(field vector of ``[weight, weight * update]``, how many update elements were clipped)."""
+    """(field vector of ``[weight, weight * clipped update]``, how many update elements were clipped)."""
     flat = np.concatenate([np.asarray(update[k], dtype=np.float64).ravel() for k in sorted(update)])
-    flat *= weight
     clipped = int(np.count_nonzero(np.abs(flat) > clip))
     levels = 1 << bits
     q_weight, = quantize([np.array([weight])], 1.0, levels)
-    q_update, = quantize([flat], clip, levels)
+    q_update, = quantize([weight * np.clip(flat, -clip, clip)], clip, levels)
     return np.concatenate([q_weight, q_update]).astype(FIELD), clipped
 
 
@@ -83,6 +92,31 @@ def decode_sum(total: np.ndarray, num_inputs: int, clip: float, bits: int) -> tu
 def error_bound(num_inputs: int, clip: float, bits: int) -> float:
     """Largest difference between ``decode_sum`` and the exact sum of clipped weighted updates."""
     return num_inputs * 2.0 * clip / (1 << bits)
+
+
+def check_sum(weight: float, update: np.ndarray, num_inputs: int, clip: float, bits: int, max_weight: int) -> None:
+    """Raise ImpossibleAggregate unless ``decode_sum`` gave a sum that ``num_inputs`` honest inputs add up to.
+
+    In the field, one node can send any vector: a weight element of 0 (w = -1) or values
+    that wrap around the sum. Without this check such a node could steer Σw to near 0 and
+    the average Σ w·update / Σw anywhere (by a factor of millions).
+    """
+    low, high = num_inputs / max_weight, float(num_inputs)
+    slack = error_bound(num_inputs, 1.0, bits)
+    if not low - slack <= weight <= high + slack:
+        raise ImpossibleAggregate(
+            f"impossible aggregate: the {num_inputs} nodes' weights sum to {weight:.6g}, outside"
+            f" [{low:.6g}, {high:.6g}] (each weight is in [1/{max_weight}, 1]); a node sent a forged vector"
+        )
+    # |Σ w·u| <= Σ w·R, where Σ w is the true weight sum; it is within slack of ``weight``.
+    limit = (weight + slack) * clip + error_bound(num_inputs, clip, bits)
+    worst = float(np.abs(update).max(initial=0.0))
+    if not worst <= limit:  # also catches NaN
+        raise ImpossibleAggregate(
+            f"impossible aggregate: a coordinate of the weighted sum is {worst:.6g}, beyond {limit:.6g}"
+            f" (the weight sum {weight:.6g} times the clip range {clip:.6g}, plus rounding): the average of"
+            f" updates clipped to ±{clip:.6g} cannot leave that range; a node sent a forged vector"
+        )
 
 
 def unflatten(flat: np.ndarray, manifest: Mapping[str, TensorInfo]) -> dict[str, np.ndarray]:

@@ -3,10 +3,11 @@
 :class:`SecAggNode` holds the round's secrets (two X25519 keys, the self-mask seed,
 the shares received from neighbours) in memory only, and answers each stage once,
 in order. Its checks are what protect the node against a coordinator that asks for
-too much: above all, it reveals either the self-mask seed share or the mask key share
-of a peer, never both, and it answers the unmask stage once. With a threshold above
-half of the share holders, the coordinator cannot reach the threshold for both
-secrets of any node by asking different holders different things.
+too much: it sends shares only to peers that are consortium nodes (``peers``), it
+reveals either the self-mask seed share or the mask key share of a peer, never both,
+and it answers the unmask stage once. With a threshold above half of the share holders,
+the coordinator cannot reach the threshold for both secrets of any node by asking
+different holders different things.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fedtrain.errors import SecAggError
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.secagg import crypto
 from fedtrain.secagg.encoding import FIELD, quant_bits
+from fedtrain.secagg.peers import PeerAuth
 
 
 class Stage(Enum):
@@ -40,10 +42,12 @@ def check_threshold(threshold: int, holders: int) -> None:
 
 
 class SecAggNode:
-    def __init__(self, job_id: str, round: int, node_id: int):
+    def __init__(self, job_id: str, round: int, node_id: int, auth: PeerAuth):
+        """``auth``: this node's certificate, which signs its keys and checks its peers'."""
         self.job_id = job_id
         self.round = round
         self.node_id = node_id
+        self._auth = auth
         self.stage = Stage.NEW
         self.threshold = 0
         self._neighbours: frozenset[int] = frozenset()
@@ -82,16 +86,19 @@ class SecAggNode:
         self.threshold, self.quant_bits, self._neighbours = req.threshold, req.quant_bits, frozenset(neighbours)
         self._enc_key, self._mask_key = crypto.new_private_key(), crypto.new_private_key()
         self._seed = crypto.new_seed()
-        return pb.PublicKeys(
+        return self._auth.sign(self.job_id, self.round, pb.PublicKeys(
             node_id=self.node_id, encryption_key=crypto.public_bytes(self._enc_key),
             mask_key=crypto.public_bytes(self._mask_key), seed_commitment=crypto.commitment(self._seed),
-        )
+        ))
 
     # --- stage 2: share the seed and the mask key ------------------------------------
     def share_keys(self, req: pb.SecAggShareKeys) -> pb.EncryptedShares:
         self._advance(Stage.KEYS_SENT, Stage.SHARES_SENT)
         own = (crypto.public_bytes(self._enc_key), crypto.public_bytes(self._mask_key))
         seen: set[bytes] = set(own)
+        fingerprints: set[str] = set()
+        names: set[str] = set()
+        # Every peer is authenticated before anything is shared: a made-up peer would get shares.
         for keys in req.keys:
             if keys.node_id not in self._neighbours or keys.node_id in self._peers:
                 raise SecAggError(f"keys for node {keys.node_id}, which is not a neighbour or was listed twice")
@@ -99,8 +106,13 @@ class SecAggNode:
                 # Repeated keys would let one party pose as several.
                 raise SecAggError(f"node {keys.node_id} advertises a public key already in use")
             seen |= {keys.encryption_key, keys.mask_key}
+            cert, name = self._auth.verify(self.job_id, self.round, keys)
+            if cert in fingerprints or name in names:
+                raise SecAggError(f"node {keys.node_id} advertises with the certificate of another peer ({name})")
+            fingerprints.add(cert)
+            names.add(name)
             self._peers[keys.node_id] = keys
-        self._require_holders(len(self._peers) + 1, "advertised keys")
+        self._require_holders(len(self._peers) + 1, "advertised authenticated keys")
         holders = sorted([self.node_id, *self._peers])
         seed_shares = crypto.split(self._seed, self.threshold, len(holders))
         key_shares = crypto.split(crypto.private_bytes(self._mask_key), self.threshold, len(holders))

@@ -4,9 +4,11 @@
 in the end removes the masks. U1 ⊇ U2 ⊇ U3 are the nodes still in after each stage:
 
 1. **setup** - each sampled node learns its neighbours, the threshold and the
-   quantization, and answers with two X25519 public keys and a seed commitment (U1);
-2. **share keys** - each node in U1 gets its neighbours' keys and answers with Shamir
-   shares of its self-mask seed and of its mask key, one ciphertext per neighbour (U2);
+   quantization, and answers with two X25519 public keys and a seed commitment, signed
+   with its node certificate (U1);
+2. **share keys** - each node in U1 gets its neighbours' signed keys, checks them
+   (``fedtrain.secagg.peers``), and answers with Shamir shares of its self-mask seed and
+   of its mask key, one ciphertext per neighbour (U2);
 3. **collect** - each node in U2 gets the ciphertexts addressed to it, trains, and
    sends its update plus its self mask plus its pairwise masks with U2 neighbours (U3);
 4. **unmask** - each node in U3 is told which neighbours sent updates (it reveals their
@@ -16,6 +18,8 @@ The sum of U3's masked vectors minus U3's self masks minus the pairwise masks th
 shared with U2 \\ U3 is the sum of U3's updates. A node's secret needs ``t`` of its
 ``k`` holders (itself and its neighbours); ``2t > k`` means no one can gather ``t``
 shares of both secrets of a node, since each holder reveals only one of the two.
+The decoded sum is checked to be one that U3's honest inputs can add up to
+(``encoding.check_sum``): a node can mask any vector, but not steer the average at will.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import numpy as np
 from fedtrain.errors import SecAggError, WireError
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.secagg import crypto
-from fedtrain.secagg.encoding import FIELD, decode_sum, quant_bits
+from fedtrain.secagg.encoding import FIELD, check_sum, decode_sum, quant_bits
 from fedtrain.secagg.node import check_threshold
+from fedtrain.secagg.peers import load_certificate, signed_by
+from fedtrain.tls import fingerprint
 from fedtrain.spec import SecureAggregationSpec
 
 # Shamir shares of a 32-byte secret: 4 index bytes, then 16 per padded 16-byte chunk.
@@ -70,6 +76,7 @@ class SecAggServer:
     def __init__(self, job_id: str, round: int, nodes: Iterable[int], settings: SecureAggregationSpec,
                  length: int, clip: float, rng: random.Random | None = None):
         self.job_id, self.round, self.length, self.clip = job_id, round, length, clip
+        self.max_weight = settings.max_weight
         self.nodes = sorted(set(nodes))
         n = len(self.nodes)
         if n < 3:
@@ -125,11 +132,21 @@ class SecAggServer:
             for n in self.nodes
         }
 
-    def add_keys(self, node: int, keys: pb.PublicKeys) -> None:
+    def add_keys(self, node: int, keys: pb.PublicKeys, enrolled: str | None) -> None:
+        """``enrolled``: the fingerprint of the certificate ``node`` enrolled with (None: a
+        coordinator without TLS, which can vouch for no certificate)."""
         self._from(node, self.nodes, self.keys, "public keys", self.u1)
         sizes = (len(keys.encryption_key), len(keys.mask_key), len(keys.seed_commitment))
         if keys.node_id != node or sizes != (crypto.KEY_BYTES,) * 3:
             raise WireError(f"public keys of node {node} must name it and hold three 32-byte values, got {sizes}")
+        # The peers check all this again; checked here, a bad advertisement costs its node the
+        # round instead of making its peers refuse theirs.
+        cert = load_certificate(keys)
+        if cert is None or not signed_by(cert, self.job_id, self.round, keys):
+            raise WireError(f"public keys of node {node} must be signed for job {self.job_id} round {self.round}"
+                            " by the node certificate they come with")
+        if enrolled is not None and fingerprint(cert) != enrolled:
+            raise WireError(f"public keys of node {node} come with another certificate than the one it enrolled with")
         self.keys[node] = keys
 
     # --- stage 2 -----------------------------------------------------------------------
@@ -215,7 +232,8 @@ class SecAggServer:
             raise SecAggError(f"node {owner}'s {what} cannot be reconstructed, a share is corrupt: {err}") from None
 
     def aggregate(self) -> Aggregate:
-        """Remove the masks; raises SecAggError when too few shares arrived."""
+        """Remove the masks; raises SecAggError when too few shares arrived, ImpossibleAggregate
+        when the sum is not one that honest nodes can send."""
         if self.u3 is None:
             raise SecAggError("aggregate() comes after the unmask stage")
         seeds: dict[int, list[bytes]] = {n: [] for n in self.u3}
@@ -252,4 +270,5 @@ class SecAggServer:
                 # The peer added this mask if its id is the lower one, and subtracted it otherwise.
                 total = total - pairwise if peer < owner else total + pairwise
         weight, update = decode_sum(total, len(self.u3), self.clip, self.quant_bits)
+        check_sum(weight, update, len(self.u3), self.clip, self.quant_bits, self.max_weight)
         return Aggregate(weight=weight, update=update, nodes=tuple(sorted(self.u3)))

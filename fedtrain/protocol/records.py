@@ -1,0 +1,25 @@
+"""What a node's result holds besides its tensors, and Flower's ``ArrayRecord`` to numpy
+arrays and back: the one place both sides convert."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+# The metrics of a result in the clear, exactly, with their types: the example count the
+# node declares and the DP plan of the round's training, and the ledger's ε and δ that the
+# node agent adds when it delivers. A masked result carries all but the example count.
+# Replies whose keys differ would make Flower's strategies refuse the whole round.
+RESULT_METRICS: dict[str, type] = {
+    "num-examples": int, "noise-multiplier": float, "sample-rate": float, "steps": int,
+    "epsilon": float, "delta": float, "lifetime-epsilon-increase": float,
+}
