@@ -80,7 +80,7 @@ def wire_bytes(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
     raw = sum(a.nbytes for a in arrays.values())
     header = pb.ResultHeader(node_id=1, task_id="0" * 32, metrics=encode_values(
         {"num-examples": 1000, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
-         "epsilon": 1.0, "delta": 1e-5, "lifetime-epsilon-increase": 0.5}))
+         "epsilon": 1.0, "delta": 1e-5}))
     parts = [pb.ResultPart(header=header)] + [pb.ResultPart(tensor=c) for c in encode_arrays(arrays)]
     return sum(p.ByteSize() for p in parts), raw
 

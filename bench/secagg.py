@@ -34,8 +34,7 @@ from fedtrain.secagg.server import SecAggServer
 from fedtrain.spec import SecureAggregationSpec, parse_job_spec
 
 CLIP = 1.0
-METRICS = encode_values({"noise-multiplier": 1.0, "sample-rate": 0.06, "steps": 16, "epsilon": 1.0, "delta": 1e-5,
-                         "lifetime-epsilon-increase": 0.5})
+METRICS = encode_values({"noise-multiplier": 1.0, "sample-rate": 0.06, "steps": 16, "epsilon": 1.0, "delta": 1e-5})
 
 
 def million_parameter_spec():

@@ -416,8 +416,9 @@ class NodeAgent:
     def _deliver(self, row: LedgerRow, bundle: pb.ResultBundle) -> None:
         """Send a charged result. The ε values in its header come from the ledger row."""
         header = bundle.header
-        for key, value in encode_values({"epsilon": row.job_epsilon, "delta": row.delta,
-                                         "lifetime-epsilon-increase": row.epsilon}).items():
+        # The job's own ε only: the lifetime increase depends on the node's other jobs, which
+        # are none of this coordinator's business (it stays in the ledger).
+        for key, value in encode_values({"epsilon": row.job_epsilon, "delta": row.delta}).items():
             header.metrics[key].CopyFrom(value)
 
         def parts() -> Iterator[pb.ResultPart]:

@@ -79,7 +79,7 @@ def _submit(nodes, node_id, task, arrays):
     # The metrics an honest node with 10 examples sends (the coordinator takes exactly these).
     plan = plan_round(job_spec_from_json(task.spec_json), 10)
     metrics = {"num-examples": 10, "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
-               "steps": plan.steps, "epsilon": 0.5, "delta": 1e-5, "lifetime-epsilon-increase": 0.5}
+               "steps": plan.steps, "epsilon": 0.5, "delta": 1e-5}
     header = pb.ResultHeader(node_id=node_id, task_id=task.task_id, metrics=encode_values(metrics))
     parts = [pb.ResultPart(header=header)] + [pb.ResultPart(tensor=c) for c in encode_arrays(arrays)]
     return nodes.SubmitResult(iter(parts))

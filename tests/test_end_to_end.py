@@ -151,7 +151,7 @@ def test_a_crash_between_ledger_commit_and_send_loses_no_spend(tmp_path, shards)
     assert [decode_values(n.metrics)["epsilon"] for n in round1.nodes] == [pytest.approx(rows[0].job_epsilon)]
     # Exactly these scalars leave a node with its update; nothing computed from the data without noise.
     assert set(decode_values(round1.nodes[0].metrics)) == {
-        "num-examples", "noise-multiplier", "sample-rate", "steps", "epsilon", "delta", "lifetime-epsilon-increase"}
+        "num-examples", "noise-multiplier", "sample-rate", "steps", "epsilon", "delta"}
     ledger.close()
 
 

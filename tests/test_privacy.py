@@ -106,3 +106,15 @@ def test_opacus_per_sample_gradients_match_torch_func():
     torch.nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_epsilon_is_exactly_opacuss_from_cached_one_step_curves():
+    """The ledger's ε is the number Opacus's RDP accountant gives for the same history."""
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        history = [(float(rng.uniform(0.5, 3)), float(rng.choice([1.0, 1 / 3, 1 / 10, 1 / 64])), int(rng.integers(1, 200)))
+                   for _ in range(int(rng.integers(1, 4)))]
+        accountant = RDPAccountant()
+        accountant.history = list(history)
+        assert epsilon(history, 1e-5) == accountant.get_epsilon(delta=1e-5)
+    assert epsilon([], 1e-5) == 0.0

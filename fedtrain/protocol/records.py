@@ -17,9 +17,10 @@ def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 # The metrics of a result in the clear, exactly, with their types: the example count the
 # node declares and the DP plan of the round's training, and the ledger's ε and δ that the
-# node agent adds when it delivers. A masked result carries all but the example count.
+# node agent adds when it delivers (the job's own: a node's lifetime spend would tell of
+# its other jobs). A masked result carries all but the example count.
 # Replies whose keys differ would make Flower's strategies refuse the whole round.
 RESULT_METRICS: dict[str, type] = {
     "num-examples": int, "noise-multiplier": float, "sample-rate": float, "steps": int,
-    "epsilon": float, "delta": float, "lifetime-epsilon-increase": float,
+    "epsilon": float, "delta": float,
 }
