@@ -74,7 +74,9 @@ def million_parameter_job(root: Path) -> tuple[JobSpec, list[Path]]:
 def round_seconds(root: Path, spec: JobSpec, shards: list[Path], secure: bool) -> float:
     """Mean wall seconds of the job's rounds on a fresh local consortium."""
     root.mkdir(parents=True, exist_ok=True)
-    with LocalConsortium(root / ("tls" if secure else "plain"), poll_seconds=1, secure=secure) as consortium:
+    eval_dir = Path(spec.evaluation.data).parent if spec.evaluation else None
+    with LocalConsortium(root / ("tls" if secure else "plain"), poll_seconds=1, secure=secure,
+                         eval_dir=eval_dir) as consortium:
         consortium.start_coordinator()
         consortium.enroll(list(NODES))
         for name, shard in zip(NODES, shards):
