@@ -108,7 +108,10 @@ def review(spec: JobSpec, policy: NodePolicy, ledger: PrivacyLedger) -> list[Pro
     if spec.model.kind == "transformer":
         problems += check_base(spec, policy)
     if not problems:
-        total, trainable = parameter_counts(spec)
+        try:
+            total, trainable = parameter_counts(spec)
+        except (FedtrainError, OSError, ValueError) as err:  # e.g. an adapter the base has no modules for
+            return [Problem(Refusal(Reason.SPEC_INVALID), f"the job's model cannot be built here: {err}")]
         _limit(problems, "", trainable, "max_trainable_parameters", policy.max_trainable_parameters)
         _limit(problems, "", total, "max_total_parameters", policy.max_total_parameters)
     if not problems:

@@ -203,6 +203,11 @@ def test_a_node_whose_base_model_differs_refuses_the_job_before_training(tiny_ll
     problems = review(llm_spec(tiny_llama, model={"base": str(link)}),
                       NodePolicy(max_epsilon=10.0, dataset_size=100, model_roots=[tmp_path]), ledger)
     assert [p.refusal.reason.value for p in problems] == ["base-not-allowed"]
+    # An adapter the base cannot take (a hostile coordinator skips its own submit check) is a
+    # refusal, not a crash of the node.
+    misfit = llm_spec(tiny_llama, adapter={"target_modules": ["no_such_layer"]})
+    problems = review(misfit, NodePolicy(max_epsilon=10.0, dataset_size=100, **roots), ledger)
+    assert [p.refusal.text() for p in problems] == ["spec-invalid"] and "adapter does not fit" in problems[0].detail
     # The adapter's size is counted on the meta device, before any weight is loaded.
     total, trainable = parameter_counts(same)
     assert trainable == sum(a.size for a in initial_state(same).values()) and total > trainable
