@@ -22,6 +22,10 @@ Simulation (`fedtrain simulate`, Flower's engine on Ray), N = 10, 100, 1,000 vir
 - virtual nodes trained per minute in a steady round, and peak memory, each against N = 10;
 - the same at N = 100 with Ray reserving 2 CPUs per virtual node (Flower's default) and half a CPU,
   instead of fedtrain's one.
+
+Round overhead (real processes: the demo's job, a coordinator and 3 nodes, mutual TLS; out/bench/overhead.json):
+- round wall time - the slowest node's local DP-SGD training, round 1 and rounds 2+, secure aggregation off and on;
+- seconds from spawning a node's process to its registration with the coordinator.
 """
 
 from __future__ import annotations
@@ -43,11 +47,11 @@ from fedtrain.console import console
 from fedtrain.models import build_model, load_dataset, loss_fn, trainable_state
 from fedtrain.models.transformer import resolve_base, weight_files
 from fedtrain.privacy.accounting import RoundPlan
-from fedtrain.privacy.engine import expected_batch_size, train_private
+from fedtrain.node.dp_sgd import expected_batch_size, train_private
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import encode_arrays, encode_values
 from fedtrain.spec import JobSpec, parse_job_spec
-from fedtrain.training import train_plain
+from fedtrain.node.training import train_plain
 
 
 def spec_for(width: int, hidden: list[int]) -> JobSpec:
@@ -108,7 +112,7 @@ _NODE_ROUND = """
 import json, resource, sys
 from fedtrain.models import build_model, load_dataset
 from fedtrain.privacy.accounting import plan_round
-from fedtrain.privacy.engine import expected_batch_size, train_private
+from fedtrain.node.dp_sgd import expected_batch_size, train_private
 from fedtrain.spec import job_spec_from_json
 spec = job_spec_from_json(open(sys.argv[1]).read())
 data = load_dataset(sys.argv[2], spec)
@@ -119,7 +123,7 @@ print(json.dumps({"max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_max
 
 
 def lora(with_demo: bool) -> None:
-    from fedtrain.demo_text import run_text_demo, text_spec, write_text_shards
+    from fedtrain.demos.text import run_text_demo, text_spec, write_text_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -205,11 +209,41 @@ def simulation() -> None:
     console.print(table)
 
 
+def round_overhead() -> None:
+    from bench.overhead import run
+
+    result = run()
+    path = Path("out/bench/overhead.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+
+    def seconds(summary: dict | None, *keys: str) -> str:
+        return " / ".join(f"{summary[k]:.3f}" for k in keys) if summary else "n/a"
+
+    goals = result["goals"]
+    table = Table(title=f"round overhead: round wall time - slowest node's local DP-SGD training; {result['job']}")
+    for col in ("secure aggregation", "round 1 s: overhead (wall)", "rounds 2+ overhead s: median / max",
+                "node start -> registered s: min / median / max"):
+        table.add_column(col)
+    for job in result["jobs"]:
+        first = job["round_1_overhead_s"]
+        table.add_row("on" if job["secure_aggregation"] else "off",
+                      f"{'n/a' if first is None else f'{first:.3f}'} ({job['rounds'][0]['wall_s']:.3f})",
+                      seconds(job["steady_overhead_s"], "median", "max"),
+                      seconds(job["registration_summary_s"], "min", "median", "max"))
+    table.add_row("goal", "", f"< {goals['steady_overhead_s']:g}", f"< {goals['registration_s']:g}")
+    console.print(table)
+    for job in result["jobs"]:
+        if job["note"]:
+            console.print(f"secure aggregation {'on' if job['secure_aggregation'] else 'off'}: {job['note']}")
+    console.print(f"results: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-demo", action="store_true", help="skip the federated text demo (a few minutes)")
-    parser.add_argument("--only", choices=["tabular", "lora", "secagg", "tls", "simulate"], help="run one group of measurements")
+    parser.add_argument("--only", choices=["tabular", "lora", "secagg", "tls", "simulate", "overhead"], help="run one group of measurements")
     args = parser.parse_args()
     if args.only in (None, "tabular"):
         tabular()
@@ -221,6 +255,8 @@ def main() -> None:
         transport()
     if args.only in (None, "simulate"):
         simulation()
+    if args.only in (None, "overhead"):
+        round_overhead()
 
 
 if __name__ == "__main__":

@@ -17,17 +17,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.consortium import NODES, run_job
 from coordinator.service import serve
-from fedtrain import tls
-from fedtrain.data import read_arrow, write_table
-from fedtrain.demo import demo_spec, write_shards
-from fedtrain.launch import LocalConsortium
+from fedtrain.protocol import tls
+from fedtrain.data import write_table
+from fedtrain.demos.tabular import demo_spec, write_shards
 from fedtrain.spec import JobSpec, parse_job_spec
-
-NODES = ("a", "b", "c")
 
 
 def handshake_ms(connections: int = 200) -> tuple[float, float]:
@@ -73,23 +70,7 @@ def million_parameter_job(root: Path) -> tuple[JobSpec, list[Path]]:
 
 def round_seconds(root: Path, spec: JobSpec, shards: list[Path], secure: bool) -> float:
     """Mean wall seconds of the job's rounds on a fresh local consortium."""
-    root.mkdir(parents=True, exist_ok=True)
-    eval_dir = Path(spec.evaluation.data).parent if spec.evaluation else None
-    with LocalConsortium(root / ("tls" if secure else "plain"), poll_seconds=1, secure=secure,
-                         eval_dir=eval_dir) as consortium:
-        consortium.start_coordinator()
-        consortium.enroll(list(NODES))
-        for name, shard in zip(NODES, shards):
-            policy = root / f"policy-{name}.yaml"
-            policy.write_text(yaml.safe_dump({"max_epsilon": 10.0, "delta": 1e-5,
-                                              "dataset_size": read_arrow(shard).num_rows}))
-            consortium.start_node(name, shard, policy)
-        with consortium.client() as client:
-            job_id = client.submit(spec)
-            while (status := client.status(job_id)).state not in ("finished", "failed"):
-                time.sleep(0.3)
-    if status.state != "finished" or status.error:
-        raise RuntimeError(f"bench job {status.state}: {status.error}")
+    status = run_job(root / ("tls" if secure else "plain"), spec, shards, secure=secure, poll_seconds=1).status
     return statistics.mean(r.wall_seconds for r in status.rounds if r.round)
 
 

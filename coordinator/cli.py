@@ -16,19 +16,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from fedtrain.cli import INSECURE, TLS_DIR, identity_option
+from fedtrain.cli.options import INSECURE, TLS_DIR, identity_option
 from fedtrain.console import console
 
 app = typer.Typer(help="Run the coordinator that a consortium's nodes connect to.", no_args_is_help=True)
 STATE_DIR = typer.Option(..., "--state-dir", help="Directory for the coordinator's SQLite state (created if missing).")
 
 
-def _store(state_dir: Path):
-    from coordinator.store import Store
+def _registry(state_dir: Path):
+    from coordinator.db import Database
+    from coordinator.registry import Registry
 
     if not (state_dir / "coordinator.db").exists():
         raise typer.BadParameter(f"{state_dir} holds no coordinator state", param_hint="--state-dir")
-    return Store(state_dir / "coordinator.db")
+    return Registry(Database(state_dir / "coordinator.db"))
 
 
 @app.command()
@@ -49,12 +50,14 @@ def start(
     once it is serving.
     """
     from coordinator.service import serve
+    from fedtrain.faults import Faults
 
+    faults = Faults.from_env()  # FEDTRAIN_FAULT: where jobs hold, for the tests of crashes
     os.umask(0o077)  # all that this process writes (state, reports) is its owner's only
     identity = identity_option(tls_dir, insecure, "coordinator")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s", force=True)
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
-    server, bound, coord = serve(state_dir, host, port, identity=identity, eval_dir=eval_dir)
+    server, bound, coord = serve(state_dir, host, port, identity=identity, eval_dir=eval_dir, faults=faults)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -76,9 +79,9 @@ def token(
 
     Prints one line per node: NAME TOKEN.
     """
-    store = _store(state_dir)
+    registry = _registry(state_dir)
     for name in names:
-        print(name, store.create_token(name, hours * 3600))
+        print(name, registry.create_token(name, hours * 3600))
 
 
 @app.command()
@@ -86,12 +89,12 @@ def nodes(state_dir: Path = STATE_DIR) -> None:
     """Every node the coordinator knows: certificate, state and when it was last seen."""
     from coordinator.grid import NODE_LIVENESS_SECONDS
 
-    store = _store(state_dir)
+    registry = _registry(state_dir)
     now = time.time()
     table = Table(title="nodes")
     for col in ("id", "name", "state", "certificate", "valid until", "last seen"):
         table.add_column(col)
-    for n in store.nodes():
+    for n in registry.nodes():
         if n.revoked_at is not None:
             state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.gmtime(n.revoked_at))} UTC"
         elif n.cert_expires is not None and n.cert_expires < now:
@@ -101,7 +104,7 @@ def nodes(state_dir: Path = STATE_DIR) -> None:
         table.add_row(str(n.id), n.name, state, n.fingerprint[:23] + "…" if n.fingerprint else "none (plaintext)",
                       time.strftime("%Y-%m-%d", time.gmtime(n.cert_expires)) if n.cert_expires else "",
                       f"{now - n.last_seen:.0f} s ago")
-    for name, expires in store.open_tokens():
+    for name, expires in registry.open_tokens():
         table.add_row("", name, "join token issued, not enrolled", "", "",
                       f"token valid until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(expires))} UTC")
     console.print(table)
@@ -111,10 +114,10 @@ def nodes(state_dir: Path = STATE_DIR) -> None:
 def revoke(name: str = typer.Argument(..., metavar="NODE"), state_dir: Path = STATE_DIR) -> None:
     """Revoke a node's certificate: the coordinator refuses it from its next request on, and drops
     it from running jobs. A new certificate and join token can enroll the node again."""
-    from coordinator.store import EnrollmentError
+    from fedtrain.errors import EnrollmentError
 
     try:
-        node = _store(state_dir).revoke(name)
+        node = _registry(state_dir).revoke(name)
     except EnrollmentError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from None

@@ -13,47 +13,30 @@ import math
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import Message, Metadata, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedtrain.protocol.records import RESULT_METRICS, arrays_to_numpy
 from fedtrain.protocol import fedtrain_pb2 as pb
-from fedtrain.errors import WireError
+from fedtrain.errors import JobCancelled, WireError
 from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.protocol.codec import Manifest, decode_values, manifest_of, require_finite
-from fedtrain.robust import check_plan, update_bound
-from fedtrain.spec import JobSpec, job_spec_from_json
-from coordinator.store import Store
+from fedtrain.server.robust import check_plan, update_bound
+from fedtrain.spec import JobSpec
+from coordinator.job_store import JobStore
+from coordinator.mailbox import Mailbox, Task
 
 # A node counts as connected while it has polled within this many seconds.
 NODE_LIVENESS_SECONDS = 30.0
 # How long a round waits for connected nodes to decide on the job's offer.
 DECISION_GRACE_SECONDS = 10.0
-
-
-class JobCancelled(Exception):
-    """Raised into the strategy loop when its job can no longer run."""
-
-
-@dataclass
-class Task:
-    task_id: str
-    job_id: str
-    node_id: int
-    round: int
-    message: Message
-    arrays: dict[str, np.ndarray]       # what the node fetches: the global model, or nothing
-    expect: Manifest                    # the tensors its result must hold, exactly
-    # Checks (and, for secure aggregation, takes in) a result before it counts as the reply;
-    # raises WireError.
-    accept: Callable[[pb.ResultHeader, dict[str, np.ndarray]], None]
-    secagg: pb.SecAggRequest | None = None
+# How long ``get_node_ids`` waits for min_nodes nodes to have accepted, before it lets
+# Flower's sampler wait (in steps of 1 s) and ask again.
+NODES_WAIT_SECONDS = 5.0
 
 
 def check_update(spec: JobSpec, sent: dict[str, np.ndarray], header: pb.ResultHeader,
@@ -78,97 +61,35 @@ def check_update(spec: JobSpec, sent: dict[str, np.ndarray], header: pb.ResultHe
     norm = math.sqrt(sum(np.sum(np.square(arrays[k].astype(np.float64) - sent[k])) for k in sent))
     if not norm <= bound:
         raise WireError(f"the update moves the global model by {norm:.4g} (L2 norm), more than the bound of"
-                        f" {bound:.4g} that one round of its DP plan can (fedtrain.robust.update_bound)")
+                        f" {bound:.4g} that one round of its DP plan can (fedtrain.server.robust.update_bound)")
 
 
-class Mailbox:
-    """Tasks waiting for their nodes, and the replies waiting for their strategy loop."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._queues: dict[int, deque[str]] = {}
-        self._tasks: dict[str, Task] = {}
-        self._replies: dict[str, Message] = {}
-
-    def post(self, task: Task) -> None:
-        with self._cond:
-            self._tasks[task.task_id] = task
-            self._queues.setdefault(task.node_id, deque()).append(task.task_id)
-            self._cond.notify_all()
-
-    def wake(self) -> None:
-        """Wake waiting polls, e.g. because a new job can be offered."""
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait(self, timeout: float) -> None:
-        with self._cond:
-            self._cond.wait(timeout)
-
-    def take(self, node_id: int) -> Task | None:
-        with self._cond:
-            queue = self._queues.get(node_id)
-            while queue:
-                task = self._tasks.get(queue.popleft())
-                if task is not None:
-                    return task
-            return None
-
-    def task(self, task_id: str) -> Task | None:
-        with self._cond:
-            return self._tasks.get(task_id)
-
-    def reply(self, task_id: str, message: Message) -> bool:
-        """Store a reply; False when the task is unknown, expired or already answered."""
-        with self._cond:
-            if task_id not in self._tasks or task_id in self._replies:
-                return False
-            self._replies[task_id] = message
-            self._cond.notify_all()
-            return True
-
-    def wait_replies(self, task_ids: set[str], timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not task_ids <= self._replies.keys():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return
-                self._cond.wait(remaining)
-
-    def collect(self, task_ids: Iterable[str]) -> list[Message]:
-        """Pop the replies that have arrived; their tasks are done."""
-        with self._cond:
-            out = []
-            for tid in task_ids:
-                if tid in self._replies:
-                    out.append(self._replies.pop(tid))
-                    del self._tasks[tid]
-            return out
-
-    def expire(self, task_ids: Iterable[str]) -> None:
-        """Forget unanswered tasks, so that late results are refused."""
-        with self._cond:
-            for tid in task_ids:
-                self._tasks.pop(tid, None)
-                self._replies.pop(tid, None)
+def _with_message_id(msg: Message, message_id: str) -> Message:
+    """A copy of the instruction ``msg`` that carries ``message_id``, made with Flower's public
+    constructors (a SuperLink assigns message ids on its own links; this grid's are its task
+    ids). Replies made with ``Message(..., reply_to=copy)`` name it as the message they answer."""
+    m = msg.metadata
+    metadata = Metadata(run_id=m.run_id, message_id=message_id, src_node_id=m.src_node_id,
+                        dst_node_id=m.dst_node_id, reply_to_message_id=m.reply_to_message_id,
+                        group_id=m.group_id, created_at=m.created_at, ttl=m.ttl, message_type=m.message_type,
+                        src_task_id=m.src_task_id, dst_task_id=m.dst_task_id)
+    return Message(content=msg.content, metadata=metadata)
 
 
 class NetworkGrid(Grid):
-    """The ``Grid`` of one job: its nodes are those that accepted the job and are connected."""
+    """The ``Grid`` of one job: its nodes are those that accepted the job and are connected.
+    Its rounds run in the clear; ``coordinator.secure_round.SecureGrid`` runs them with
+    secure aggregation."""
 
-    def __init__(self, job_id: str, store: Store, mailbox: Mailbox, run_id: int, cancelled: threading.Event):
+    def __init__(self, job_id: str, spec: JobSpec, jobs: JobStore, mailbox: Mailbox, run_id: int,
+                 cancelled: threading.Event):
         self.job_id = job_id
-        self.store = store
+        self.spec = spec
+        self.jobs = jobs
         self.mailbox = mailbox
         self.cancelled = cancelled
         self._run = Run.create_empty(run_id)
-        # Runs a training round with secure aggregation instead of in the clear (set by the runner).
-        self.secure: Callable[[list[Message], float | None], list[Message]] | None = None
-
-    @functools.cached_property
-    def spec(self) -> JobSpec:
-        return job_spec_from_json(self.store.job(self.job_id).spec_json)
+        self._running = False  # the job has been marked running (by its first task)
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -183,35 +104,56 @@ class NetworkGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        # Flower sizes a round by the nodes available when it asks, so a round that starts
-        # while connected nodes are still deciding on the offer would leave them out: give
-        # them a moment to answer first.
-        deadline = time.monotonic() + DECISION_GRACE_SECONDS
-        while self.store.undecided_nodes(self.job_id, time.time() - NODE_LIVENESS_SECONDS):
-            if time.monotonic() > deadline or self.cancelled.wait(0.2):
-                break
-        # Flower's sampler polls this while it waits for enough nodes; cancellation
-        # has to reach into that loop from here.
-        if self.cancelled.is_set():
-            raise JobCancelled(f"job {self.job_id} was cancelled")
-        return self.store.accepted_nodes(self.job_id, seen_since=time.time() - NODE_LIVENESS_SECONDS)
+        """The job's connected nodes that accepted it.
+
+        Flower sizes a round by the nodes available when it asks, so a round that starts while
+        connected nodes are still deciding on the offer would leave them out: they get
+        ``DECISION_GRACE_SECONDS`` to answer first. Flower's sampler then waits in steps of 1 s
+        while fewer than ``min_nodes`` are available; this waits up to ``NODES_WAIT_SECONDS`` for
+        them first, woken as soon as a node polls or answers, so a round starts when they are in.
+        """
+        start = time.monotonic()
+        while True:
+            since = self.mailbox.node_changes()
+            # Flower's sampler polls this while it waits for enough nodes; cancellation
+            # has to reach into that loop from here.
+            if self.cancelled.is_set():
+                raise JobCancelled(f"job {self.job_id} was cancelled")
+            seen_since = time.time() - NODE_LIVENESS_SECONDS
+            waited = time.monotonic() - start
+            if self.jobs.undecided_nodes(self.job_id, seen_since) and waited < DECISION_GRACE_SECONDS:
+                remaining = DECISION_GRACE_SECONDS - waited
+            else:
+                accepted = self.jobs.accepted_nodes(self.job_id, seen_since)
+                if len(accepted) >= self.spec.min_nodes or waited >= NODES_WAIT_SECONDS:
+                    return accepted
+                remaining = NODES_WAIT_SECONDS - waited
+            # Woken by a node's change; a node that stops polling only ages out, hence the bound.
+            self.mailbox.wait_nodes(since, min(remaining, 1.0))
 
     def post(self, msg: Message, arrays: dict[str, np.ndarray], expect: Manifest, accept: Callable,
              secagg: pb.SecAggRequest | None = None) -> str:
-        """Queue ``msg`` for its node; returns the task id."""
+        """Queue ``msg`` for its node; returns the task id, which is the message id of the
+        message the node's reply answers."""
         task_id = uuid.uuid4().hex
-        # Flower derives message ids on its own links; ours are the task ids.
-        msg.metadata.__dict__["_message_id"] = task_id
         round = int(msg.content["config"]["server-round"])
-        self.mailbox.post(Task(task_id, self.job_id, msg.metadata.dst_node_id, round, msg, arrays, expect,
-                               accept, secagg))
-        self.store.mark_running(self.job_id)
+        self.mailbox.post(Task(task_id, self.job_id, msg.metadata.dst_node_id, round,
+                               _with_message_id(msg, task_id), arrays, expect, accept, secagg))
+        if not self._running:
+            self.jobs.mark_running(self.job_id)
+            self._running = True
         return task_id
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
+        # Flower sends every node the same ArrayRecord: its tensors are converted once, and
+        # the tasks share them (read only).
+        converted: dict[int, tuple[object, dict[str, np.ndarray]]] = {}
         for msg in messages:
-            arrays = arrays_to_numpy(msg.content["arrays"])
+            record = msg.content["arrays"]
+            if id(record) not in converted:
+                converted[id(record)] = (record, arrays_to_numpy(record))  # the record kept: its id stays its own
+            arrays = converted[id(record)][1]
             ids.append(self.post(msg, arrays, expect=manifest_of(arrays),
                                  accept=functools.partial(check_update, self.spec, arrays)))
         return ids
@@ -227,7 +169,4 @@ class NetworkGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        if self.secure is not None and messages and messages[0].metadata.message_type == "train":
-            return self.secure(messages, timeout)
         return self.exchange(set(self.push_messages(messages)), timeout)

@@ -1,3 +1,3 @@
-from fedtrain.cli import main
+from fedtrain.cli.main import main
 
 main()

@@ -4,7 +4,7 @@ A data set is cut into N partitions (IID, or non-IID by a Dirichlet draw over th
 label, with Flower Datasets' partitioners), and Flower's simulation engine (Ray) runs
 the job: each virtual node is the node agent's own ``ClientApp`` (the same DP-SGD
 training, the same reply) reading its partition, and the rounds are the coordinator's
-own loop and strategy (``fedtrain.rounds``), with central evaluation on the spec's
+own loop and strategy (``fedtrain.server.rounds``), with central evaluation on the spec's
 evaluation table. What a rehearsal leaves out is the deployment around that code:
 policies, ledgers, approvals, TLS, and secure aggregation, whose sum equals the plain
 one up to quantization.
@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedtrain.client_app import app as node_app
+from fedtrain.node.client_app import app as node_app
 from fedtrain.data import read_arrow, write_arrow
 from fedtrain.errors import FedtrainError, SpecError
 from fedtrain.spec import JobSpec
@@ -201,10 +201,12 @@ def simulate(
 
     from fedtrain.models import build_model, evaluate, initial_state, load_dataset, load_trainable_state
     from fedtrain.privacy.accounting import epsilon
-    from fedtrain.rounds import build_strategy, run_rounds
+    from fedtrain.server.rounds import run_rounds
+    from fedtrain.server.strategy import build_strategy
 
     if num_nodes < spec.min_nodes:
         raise SpecError(f"the job needs min_nodes={spec.min_nodes} per round; simulate at least that many nodes")
+    strategy = build_strategy(spec)  # bad strategy params are refused before anything starts
     cpus = os.cpu_count() or 1
     if cpus_per_node > cpus:
         raise FedtrainError(f"cpus_per_node={cpus_per_node:g} is more than this machine's {cpus} CPUs:"
@@ -219,7 +221,6 @@ def simulate(
 
     @server_app.main()
     def main(grid, context) -> None:
-        strategy = build_strategy(spec)
         clock = [time.monotonic()]
 
         def after_round(server_round: int, weights: dict[str, np.ndarray], given_up: str) -> None:

@@ -13,13 +13,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtrain.errors import FedtrainError
 from fedtrain.policy import Decision, NodePolicy
-from fedtrain.privacy.ledger import PrivacyLedger
 from fedtrain.protocol.refusal import Reason, Refusal, parse_refusal
 from fedtrain.spec import JobSpec, TextDataSpec, job_spec_from_json
 from nodes.jobs import JobRecord
+
+if TYPE_CHECKING:  # the ledger loads Opacus, which a node registers without (see NodeAgent.run)
+    from fedtrain.node.ledger import PrivacyLedger
 
 log = logging.getLogger("fedtrain.node")
 
@@ -28,6 +31,11 @@ log = logging.getLogger("fedtrain.node")
 class Problem:
     refusal: Refusal  # what the coordinator is told
     detail: str       # what the owner's log says
+
+
+def budget_problem(policy: NodePolicy, detail: str) -> Problem:
+    """Work the ledger cannot pay for: the coordinator hears only the policy's limit."""
+    return Problem(Refusal(Reason.BUDGET_EXCEEDED, {"policy.max_epsilon": policy.max_epsilon}), detail)
 
 
 @dataclass(frozen=True)
@@ -117,8 +125,7 @@ def review(spec: JobSpec, policy: NodePolicy, ledger: PrivacyLedger) -> list[Pro
     if not problems:
         quote = ledger.quote([plan_round(spec, policy.dataset_size)] * spec.training.rounds)
         if not quote.allowed:
-            problems.append(Problem(Refusal(Reason.BUDGET_EXCEEDED, {"policy.max_epsilon": policy.max_epsilon}),
-                                    "the whole job does not fit: " + quote.refusal()))
+            problems.append(budget_problem(policy, "the whole job does not fit: " + quote.refusal()))
     return problems
 
 

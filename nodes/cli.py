@@ -15,17 +15,19 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from fedtrain import approval
-from fedtrain.audit import AuditLog
-from fedtrain.cli import INSECURE, TLS_DIR, identity_option
+from fedtrain.node import approval
+from fedtrain.node.audit_log import AuditLog
+from fedtrain.cli.options import INSECURE, TLS_DIR, identity_option
 from fedtrain.console import console
-from fedtrain.errors import FedtrainError
+from fedtrain.errors import FaultInjected, FedtrainError
+from fedtrain.faults import Faults
 from fedtrain.policy import Decision, NodePolicy, load_policy
+from nodes.agent import NodeAgent
 from nodes.jobs import JobBook
 from nodes.state import StatePaths
 
 if TYPE_CHECKING:
-    from fedtrain.privacy.ledger import PrivacyLedger
+    from fedtrain.node.ledger import PrivacyLedger
 
 app = typer.Typer(help="Run and inspect a data owner's node agent.", no_args_is_help=True)
 STATE_DIR = typer.Option(..., "--state-dir", help="The node's state directory (ledger, jobs, audit log, policy).")
@@ -52,10 +54,6 @@ def start(
 
     It connects with mutual TLS using the node certificate in --tls-dir.
     """
-    # Here, not at the top: the agent loads torch and Opacus, which the owner's other commands
-    # (jobs, approve, audit) do without, answering in a fraction of a second.
-    from nodes.agent import FAILPOINT_ENV, Failpoint, NodeAgent
-
     os.umask(0o077)  # all that this process writes (state, logs of its libraries) is its owner's only
     # The token comes from a file or the environment, not argv, which every user of the machine can read.
     join_token = join_token_file.read_text().strip() if join_token_file else os.environ.get(JOIN_TOKEN_ENV, "")
@@ -66,14 +64,14 @@ def start(
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s node:{name} %(levelname)s %(message)s", force=True)
     owner_policy = load_policy(policy)
     agent = NodeAgent(coordinator=coordinator, data=data, policy=owner_policy, state_dir=state_dir, name=name,
-                      poll_seconds=poll_seconds, failpoint=os.environ.get(FAILPOINT_ENV, ""), identity=identity,
-                      join_token=join_token)
+                      poll_seconds=poll_seconds, faults=Faults.from_env(), identity=identity, join_token=join_token)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        agent.run(stop)
-    except Failpoint:
+        agent.run(stop)  # registers first, then loads torch, Opacus and Flower
+    except FaultInjected as err:
+        logging.getLogger("fedtrain.node").warning("%s", err)
         os._exit(70)  # like a kill: no cleanup, nothing flushed that was not already
     finally:
         agent.close()
@@ -88,7 +86,7 @@ def _policy(state_dir: Path) -> NodePolicy:
 
 
 def _ledger(state_dir: Path, policy: NodePolicy | None = None) -> PrivacyLedger:
-    from fedtrain.privacy.ledger import PrivacyLedger
+    from fedtrain.node.ledger import PrivacyLedger
 
     policy = policy or _policy(state_dir)
     return PrivacyLedger(StatePaths(state_dir).ledger, max_epsilon=policy.max_epsilon, delta=policy.delta)

@@ -9,25 +9,20 @@ the rule is not sent: it is a bug, and the node stops the call rather than leak.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator
 from typing import Any
 
-from fedtrain.errors import FedtrainError
+from fedtrain.errors import EgressViolation, FedtrainError
 from fedtrain.policy import NodePolicy
-from fedtrain.privacy.accounting import plan_round
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import decode_values
-from fedtrain.protocol.records import RESULT_METRICS
 from fedtrain.protocol.refusal import check_refusal, parse_refusal
 from fedtrain.spec import JobSpec
 
-class EgressViolation(FedtrainError):
-    """A message the node was about to send breaks the egress rule; it was not sent."""
-
 
 def _documents(spec: JobSpec | None, policy: NodePolicy) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    return (None if spec is None else json.loads(spec.canonical_json())), policy.document()
+    # The JSON values of canonical_json, without its text.
+    return (None if spec is None else spec.model_dump(mode="json")), policy.document()
 
 
 def _check_text(text: str, spec: JobSpec | None, policy: NodePolicy) -> None:
@@ -38,6 +33,11 @@ def _check_text(text: str, spec: JobSpec | None, policy: NodePolicy) -> None:
 
 
 def _check_header(header: pb.ResultHeader, spec: JobSpec | None, policy: NodePolicy) -> None:
+    # Here, not at the top: they load Opacus and Flower (seconds), and a node registers
+    # through this module before it sends any result.
+    from fedtrain.privacy.accounting import plan_round
+    from fedtrain.protocol.records import RESULT_METRICS
+
     if header.refusal:
         _check_text(header.refusal, spec, policy)
     metrics = decode_values(header.metrics)

@@ -5,6 +5,7 @@ The agent and the owner's CLI (`fedtrain node approve`) share this file.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
+@functools.lru_cache(maxsize=64)
+def parse_spec(spec_json: str) -> JobSpec:
+    """``spec_json`` as a JobSpec, parsed once per text: a JobSpec is immutable, so the job
+    book's record of a job and every task of it share one (SpecError if it is not valid)."""
+    return job_spec_from_json(spec_json)
+
+
 @dataclass(frozen=True)
 class JobRecord:
     job_id: str
@@ -39,7 +47,7 @@ class JobRecord:
 
     @property
     def spec(self) -> JobSpec:
-        return job_spec_from_json(self.spec_json)
+        return parse_spec(self.spec_json)
 
 
 class JobBook:

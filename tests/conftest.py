@@ -8,14 +8,17 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 from coordinator.service import serve
-from fedtrain import tls
-from fedtrain.client import CoordinatorClient
+from fedtrain.protocol import tls
+from fedtrain.cli.client import CoordinatorClient
 from fedtrain.data import read_arrow, write_table
+from fedtrain.errors import FaultInjected
+from fedtrain.faults import Faults
 from fedtrain.policy import NodePolicy
-from fedtrain.privacy.ledger import PrivacyLedger
+from fedtrain.node.ledger import PrivacyLedger
 from fedtrain.secagg.encoding import node_weight
 from fedtrain.spec import parse_job_spec
-from nodes.agent import Failpoint, NodeAgent
+from nodes.agent import NodeAgent
+from nodes.secure_stages import SecureStages
 from nodes.state import StatePaths
 
 FEATURES = ["mean radius", "mean texture", "mean smoothness", "worst area"]
@@ -146,10 +149,14 @@ class RecordingAgent(NodeAgent):
         super().__init__(**kw)
         self.clear: dict[int, tuple[float, dict]] = {}
 
+    def _load_training(self):
+        super()._load_training()
+        self.secure.mask = self._mask
+
     def _mask(self, spec, secagg, update, start, num_examples):
         change = {k: update[k].astype(np.float64) - start[k] for k in update}
         self.clear[secagg.round] = (node_weight(num_examples, spec.secure_aggregation.max_weight), change)
-        return NodeAgent._mask(spec, secagg, update, start, num_examples)
+        return SecureStages.mask(spec, secagg, update, start, num_examples)
 
 
 def owner_policy(data, **over) -> NodePolicy:
@@ -160,15 +167,15 @@ def owner_policy(data, **over) -> NodePolicy:
 
 
 class Node:
-    def __init__(self, address, data, state_dir, name, failpoint="", agent_class=RecordingAgent, **tls_args):
+    def __init__(self, address, data, state_dir, name, faults=Faults(), agent_class=RecordingAgent, **tls_args):
         """``tls_args``: the agent's ``identity`` and ``join_token``."""
         self.args = dict(coordinator=address, data=data, policy=owner_policy(data), state_dir=state_dir,
                          name=name, poll_seconds=0.5, **tls_args)
         self.agent_class = agent_class
-        self.start(failpoint)
+        self.start(faults)
 
-    def start(self, failpoint=""):
-        self.agent = self.agent_class(failpoint=failpoint, **self.args)
+    def start(self, faults=Faults()):
+        self.agent = self.agent_class(faults=faults, **self.args)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -176,7 +183,7 @@ class Node:
     def _run(self):
         try:
             self.agent.run(self.stop)
-        except Failpoint:
+        except FaultInjected:
             pass  # the node is gone: it answers nothing more
         finally:
             self.agent.close()
@@ -214,7 +221,7 @@ def consortium_pki(tmp_path_factory):
 
 @pytest.fixture
 def consortium(tmp_path, cancer, consortium_pki):
-    """(start(n, failpoints, agents) -> nodes on n breast-cancer shards, client) around an
+    """(start(n, faults, agents) -> nodes on n breast-cancer shards, client) around an
     in-process coordinator, all over mutual TLS (secure aggregation needs node certificates).
     ``agents[i]``, if given, is the NodeAgent class of node i."""
     pki = consortium_pki
@@ -224,15 +231,15 @@ def consortium(tmp_path, cancer, consortium_pki):
     address = f"127.0.0.1:{port}"
     nodes = []
 
-    def start(n, failpoints=(), agents=()):
+    def start(n, faults=(), agents=()):
         for i, idx in enumerate(np.array_split(order, n)):
             path = tmp_path / f"shard-{i}.csv"
             write_table(path, FEATURES, x[idx], "malignant", y[idx])
-            fp = failpoints[i] if i < len(failpoints) else ""
             name = f"n{i}"
-            nodes.append(Node(address, path, tmp_path / f"node-{i}", name, fp,
+            fault = faults[i] if i < len(faults) else Faults()
+            nodes.append(Node(address, path, tmp_path / f"node-{i}", name, fault,
                               agents[i] if i < len(agents) else RecordingAgent,
-                              identity=pki.identity("node", name), join_token=coord.store.create_token(name, 3600)))
+                              identity=pki.identity("node", name), join_token=coord.registry.create_token(name, 3600)))
         return nodes
 
     with CoordinatorClient(address, pki.identity("operator", "operator")) as client:

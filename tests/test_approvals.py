@@ -5,8 +5,8 @@ import sqlite3
 
 import yaml
 
-from fedtrain import approval
-from fedtrain.audit import AuditLog
+from fedtrain.node import approval
+from fedtrain.node.audit_log import AuditLog
 from fedtrain.policy import Decision
 from nodes.state import StatePaths
 from nodes.jobs import JobBook

@@ -7,6 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator.service import serve
+from fedtrain.errors import SpecError, UnknownNode, from_rpc
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.privacy.accounting import plan_round
@@ -50,9 +51,26 @@ def test_malformed_specs_are_refused_and_nothing_is_stored(coordinator, shards):
     bad_eval = make_spec(evaluation={"data": "/nonexistent/test.csv"}).canonical_json()
     code, details = code_and_details(lambda: jobs.SubmitJob(pb.SubmitJobRequest(spec_json=bad_eval)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'/nonexistent/test.csv' is not a file in" in details
-    assert coord.store.jobs() == []
+    assert coord.job_store.jobs() == []
     code, details = code_and_details(lambda: jobs.GetJob(pb.GetJobRequest(job_id="nope")))
     assert code == grpc.StatusCode.NOT_FOUND and "unknown job 'nope'" in details
+
+
+def test_strategy_params_are_checked_at_submit_and_a_refused_job_stores_nothing(coordinator):
+    channel, coord = coordinator
+    jobs = pb_grpc.JobServiceStub(channel)
+    robust = {"min_nodes": 3, "secure_aggregation": False}
+    for strategy, why in [({"name": "krum", "params": {"num_malicious_nodes": 1.5}}, "must be a whole number, not 1.5"),
+                          ({"name": "fedavg", "params": {"eta": 0.1}}, "strategy fedavg takes no param 'eta'"),
+                          ({"name": "krum", "params": {"fraction_train": 0.5}}, "takes no param 'fraction_train'"),
+                          ({"name": "fedtrimmedavg", "params": {"beta": 0.7}}, "`beta` must be in the range")]:
+        spec = make_spec(strategy=strategy, **robust).canonical_json()
+        with pytest.raises(grpc.RpcError) as err:
+            jobs.SubmitJob(pb.SubmitJobRequest(spec_json=spec))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in err.value.details(), strategy
+        assert from_rpc(err.value).__class__ is SpecError
+    assert coord.job_store.jobs() == [] and coord.runners == {}
+    assert jobs.ListJobs(pb.ListJobsRequest()).jobs == []
 
 
 def test_unknown_nodes_and_protocol_versions(coordinator):
@@ -60,6 +78,10 @@ def test_unknown_nodes_and_protocol_versions(coordinator):
     nodes = pb_grpc.NodeServiceStub(channel)
     code, details = code_and_details(lambda: nodes.Poll(pb.PollRequest(node_id=99)))
     assert code == grpc.StatusCode.NOT_FOUND and "unknown node id 99: call Register first" in details
+    # The class crosses the wire too: a node agent re-registers on UnknownNode, not on a text.
+    with pytest.raises(grpc.RpcError) as err:
+        nodes.Poll(pb.PollRequest(node_id=99))
+    assert isinstance(from_rpc(err.value), UnknownNode)
     code, details = code_and_details(lambda: nodes.Register(pb.RegisterRequest(name="a", protocol_version="v0")))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and PROTOCOL_VERSION in details
     code, details = code_and_details(
@@ -119,7 +141,7 @@ def test_bad_updates_are_rejected_with_the_reason_and_the_job_goes_on(coordinato
     refusals = [n.refusal for r in status.rounds for n in r.nodes if n.refusal]
     assert any("NaN" in r for r in refusals) and any("expected float32" in r for r in refusals)
     for _ in range(50):
-        if coord.store.job(job_id).state == "finished":
+        if coord.job_store.job(job_id).state == "finished":
             break
         __import__("time").sleep(0.1)
     # Rounds 1 and 2 were skipped (no valid update); round 3 aggregated the good one.
@@ -230,8 +252,9 @@ def test_fedadam_state_survives_a_checkpoint(tmp_path):
     """A strategy restored from a checkpoint takes the same step as one that never stopped."""
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from fedtrain.rounds import build_strategy, restore_strategy_state, strategy_state
-    from coordinator.store import Store
+    from fedtrain.server.strategy import build_strategy, restore_strategy_state, strategy_state
+    from coordinator.db import Database
+    from coordinator.job_store import JobStore
     from fedtrain.protocol.records import arrays_to_numpy, numpy_to_arrays
 
     spec = make_spec(strategy={"name": "fedadam", "params": {"eta": 0.1}})
@@ -255,7 +278,7 @@ def test_fedadam_state_survives_a_checkpoint(tmp_path):
     for r, u in enumerate(updates, 1):
         arrays = step(straight, r, arrays, u)
 
-    store = Store(tmp_path / "c.db")
+    store = JobStore(Database(tmp_path / "c.db"))
     job = store.create_job("j", spec.canonical_json())
     first = build_strategy(spec)
     resumed_arrays = numpy_to_arrays(start)

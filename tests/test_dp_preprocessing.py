@@ -20,8 +20,8 @@ from fedtrain.data import DataCheck, write_table
 from fedtrain.errors import SpecError
 from fedtrain.models import build_model, evaluate, initial_state, load_dataset, loss_fn
 from fedtrain.privacy.accounting import plan_round
-from fedtrain.privacy.engine import expected_batch_size, train_round
-from fedtrain.training import train_plain
+from fedtrain.node.dp_sgd import expected_batch_size, train_round
+from fedtrain.node.training import train_plain
 from torch.utils.data import TensorDataset
 
 from conftest import FEATURES, make_spec

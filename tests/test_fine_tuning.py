@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedtrain.launch import LocalConsortium
+from fedtrain.demos.launch import LocalConsortium
 from fedtrain.models import build_model, expected_manifest, load_dataset, load_trainable_state
-from fedtrain.privacy.ledger import PrivacyLedger
+from fedtrain.node.ledger import PrivacyLedger
 
 from conftest import llm_spec, sentences, write_texts
 from test_end_to_end import cli, wait_for, write_policy
@@ -95,7 +95,7 @@ def test_three_nodes_fine_tune_a_tiny_llm_and_only_the_adapter_leaves(tmp_path, 
 
 
 def test_minilm_sentiment_classification_on_a_slice_of_real_tweets(tmp_path):
-    from fedtrain.demo_text import NODES, text_spec, write_text_shards
+    from fedtrain.demos.text import NODES, text_spec, write_text_shards
 
     shards, test = write_text_shards(tmp_path, per_node=32, test_size=48)
     spec = text_spec(test, rounds=1, epsilon=8.0).model_copy(deep=True)

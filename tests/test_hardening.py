@@ -17,12 +17,14 @@ import pytest
 import yaml
 from typer.main import get_command
 
-from coordinator.service import MAX_NODE_TEXT, MAX_POLLS_PER_NODE, serve
-from coordinator.store import Store
-from fedtrain import tls
-from fedtrain.audit import AuditLog
-from fedtrain.launch import LocalConsortium
-from fedtrain.privacy.ledger import PrivacyLedger
+from coordinator.auth import MAX_POLLS_PER_NODE
+from coordinator.db import Database
+from coordinator.service import serve
+from coordinator.servicers import MAX_NODE_TEXT
+from fedtrain.protocol import tls
+from fedtrain.node.audit_log import AuditLog
+from fedtrain.demos.launch import LocalConsortium
+from fedtrain.node.ledger import PrivacyLedger
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import GRPC_OPTIONS, PROTOCOL_VERSION
@@ -126,7 +128,7 @@ def test_evaluation_data_is_read_from_the_evaluation_dir_only_and_errors_never_q
             assert "evaluation.data" in err.value.details()
             leaked = [line for s in secrets for line in _lines(s.read_bytes()) if line in err.value.details()]
             assert leaked == [], f"{name!r}: {leaked}"
-        assert coord.store.jobs() == []
+        assert coord.job_store.jobs() == []
         stored = b"".join(p.read_bytes() for p in state.rglob("*")
                           if p.is_file() and not p.is_relative_to(coord.eval_dir))
         for s in secrets:
@@ -137,7 +139,7 @@ def test_evaluation_data_is_read_from_the_evaluation_dir_only_and_errors_never_q
         (coord.eval_dir / "test.csv").write_bytes(shards[1].read_bytes())
         for name in ("test.csv", str(coord.eval_dir / "test.csv")):
             jobs.SubmitJob(pb.SubmitJobRequest(spec_json=make_spec(evaluation={"data": name}).canonical_json()))
-        assert len(coord.store.jobs()) == 2
+        assert len(coord.job_store.jobs()) == 2
     finally:
         coord.stop()
         channel.close()
@@ -196,11 +198,11 @@ def test_state_files_are_private_even_under_a_permissive_umask_and_when_left_rea
         # Files as an earlier version left them, readable by all: opened again, they are not.
         earlier = tmp_path / "earlier"
         earlier.mkdir()
-        stores = [Store(earlier / "coordinator.db")]  # open: its -wal and -shm files stay
+        stores = [Database(earlier / "coordinator.db")]  # open: its -wal and -shm files stay
         AuditLog(earlier / "audit.jsonl").record("Register", peer="coordinator")
         for path in earlier.iterdir():
             path.chmod(0o644)
-        stores.append(Store(earlier / "coordinator.db"))
+        stores.append(Database(earlier / "coordinator.db"))
         AuditLog(earlier / "audit.jsonl")
         state = tmp_path / "state"
         serve_state = serve(state, port=0)

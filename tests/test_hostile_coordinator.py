@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from coordinator.service import serve
-from fedtrain.client import CoordinatorClient
+from fedtrain.cli.client import CoordinatorClient
 from fedtrain.data import write_table
 from fedtrain.policy import Decision, NodePolicy
 from fedtrain.protocol import fedtrain_pb2 as pb

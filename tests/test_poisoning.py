@@ -2,7 +2,7 @@
 
 The attacks run against the real coordinator over loopback gRPC and real node agents
 (``consortium``), one of them made hostile by replacing one of its methods: ``_send``
-(which then skips the node's own egress check) or ``_local_round``. The defender is
+(which then skips the node's own egress check) or ``tasks.local_update``. The defender is
 never mocked. The bound itself is tested against the real DP-SGD training code.
 """
 
@@ -16,14 +16,16 @@ from fedtrain.data import write_table
 from fedtrain.errors import SpecError, WireError
 from fedtrain.models import build_model, evaluate, initial_state, load_dataset, load_trainable_state
 from fedtrain.privacy.accounting import RoundPlan, plan_round
-from fedtrain.privacy.engine import expected_batch_size, train_round
+from fedtrain.node.dp_sgd import expected_batch_size, train_round
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import decode_arrays, encode_arrays, encode_values
 from fedtrain.protocol.records import numpy_to_arrays
-from fedtrain.robust import check_plan, update_bound
-from fedtrain.rounds import build_strategy, run_rounds
+from fedtrain.server.robust import check_plan, update_bound
+from fedtrain.server.rounds import run_rounds
+from fedtrain.server.strategy import build_strategy
+from coordinator.grid import _with_message_id
 
-from conftest import FEATURES, make_spec
+from conftest import FEATURES, eventually, make_spec
 from test_end_to_end import wait_for
 
 
@@ -103,16 +105,17 @@ def test_a_node_sending_1e30_with_1e18_examples_is_rejected_and_the_model_stays_
 def reversed_within_bound(agent, fraction=0.9):
     """Make ``agent`` hostile within the bound: it trains, then sends its update reversed and
     stretched to ``fraction`` of the coordinator's bound (a plan and metrics as honest)."""
-    honest = agent._local_round
+    tasks = eventually(lambda: getattr(agent, "tasks", None), "the node to load its training")
+    honest = tasks.local_update
 
-    def local_round(spec, plan, start):
-        update = honest(spec, plan, start)
+    def local_update(task, private, start):
+        update = honest(task, private, start)
         change = {k: update.arrays[k] - start[k] for k in start}
         norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in change.values()))
-        scale = fraction * update_bound(spec, plan, sum(v.size for v in start.values())) / norm
+        scale = fraction * update_bound(private.spec, private.plan, sum(v.size for v in start.values())) / norm
         return type(update)({k: (start[k] - scale * change[k]).astype(start[k].dtype) for k in start}, update.loss)
 
-    agent._local_round = local_round
+    tasks.local_update = local_update
 
 
 @pytest.mark.parametrize("strategy, robust", [
@@ -221,7 +224,7 @@ def test_the_spec_refuses_a_robust_strategy_under_secure_aggregation_and_bad_par
 def _replies(messages, updates, metrics):
     out = []
     for msg, arrays, m in zip(messages, updates, metrics):
-        msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        msg = _with_message_id(msg, uuid.uuid4().hex)  # as the grid posts it
         out.append(Message(RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": MetricRecord(m)}),
                            reply_to=msg))
     return out

@@ -8,8 +8,8 @@ from torch.utils.data import TensorDataset
 from fedtrain.errors import BudgetExceeded
 from fedtrain.models import build_model
 from fedtrain.privacy.accounting import RoundPlan, epsilon, plan_round
-from fedtrain.privacy.engine import expected_batch_size, train_private
-from fedtrain.privacy.ledger import PrivacyLedger
+from fedtrain.node.dp_sgd import expected_batch_size, train_private
+from fedtrain.node.ledger import PrivacyLedger
 
 from conftest import make_spec
 

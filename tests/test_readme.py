@@ -27,10 +27,10 @@ import pytest
 import typer
 import yaml
 
-from fedtrain import cli
-from fedtrain.client import CoordinatorClient
-from fedtrain.demo import demo_spec, write_shards
-from fedtrain.tls import load_identity
+from fedtrain.cli import main as cli
+from fedtrain.cli.client import CoordinatorClient
+from fedtrain.demos.tabular import demo_spec, write_shards
+from fedtrain.protocol.tls import load_identity
 
 from conftest import eventually
 

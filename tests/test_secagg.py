@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from scipy import stats
 
-from fedtrain import tls
+from fedtrain.protocol import tls
 from fedtrain.errors import SecAggError, SpecError, WireError
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.secagg.encoding import ImpossibleAggregate, check_sum, decode_sum, encode, error_bound, quant_bits

@@ -9,6 +9,7 @@ check the coordinator's aggregate against the plain weighted average.
 import numpy as np
 import pytest
 
+from fedtrain.faults import Faults
 from fedtrain.models import initial_state
 from fedtrain.secagg.encoding import clip_range, error_bound, quant_bits
 
@@ -65,7 +66,7 @@ def test_the_securely_aggregated_model_is_the_weighted_average_of_the_updates(co
 
 def test_a_round_survives_one_dropout_before_the_masked_update_and_one_after(consortium):
     start, client = consortium
-    nodes = start(5, failpoints=["secagg-before-masked", "secagg-after-masked"])
+    nodes = start(5, faults=[Faults("secagg-before-masked"), Faults("secagg-after-masked")])
     spec = secure_spec(5, min_nodes=3)
     job_id = client.submit(spec)
     status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"), timeout=180)
@@ -83,7 +84,7 @@ def test_a_round_survives_one_dropout_before_the_masked_update_and_one_after(con
 
 def test_past_the_threshold_the_round_fails_keeps_the_model_and_the_job_goes_on(consortium):
     start, client = consortium
-    nodes = start(5, failpoints=["secagg-before-masked"] * 3)
+    nodes = start(5, faults=[Faults("secagg-before-masked")] * 3)
     spec = secure_spec(5, min_nodes=3, rounds=2, retries=0)
     job_id = client.submit(spec)
     wait_for(client, job_id, lambda s: len(s.rounds) >= 2, timeout=180)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtrain.demo import demo_spec, write_shards
+from fedtrain.demos.tabular import demo_spec, write_shards
 from fedtrain.errors import FedtrainError, SpecError
 from fedtrain.models import load_dataset
 from fedtrain.simulation import partition_rows, simulate, write_partitions

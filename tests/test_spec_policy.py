@@ -6,7 +6,7 @@ from fedtrain.errors import SpecError, WireError
 from fedtrain.policy import Decision, NodePolicy, load_policy
 from fedtrain.protocol.refusal import Reason, Refusal, check_refusal, parse_refusal
 from nodes.admission import admit, review
-from fedtrain.privacy.ledger import PrivacyLedger
+from fedtrain.node.ledger import PrivacyLedger
 from fedtrain.spec import job_spec_from_json, load_job_spec, parse_job_spec
 
 from conftest import make_spec
@@ -119,7 +119,7 @@ def test_refusals_parse_back_and_the_egress_rule_rejects_other_values():
 
 
 def test_the_audit_log_is_a_hash_chain_and_verify_names_each_kind_of_tampering(tmp_path):
-    from fedtrain.audit import AuditLog
+    from fedtrain.node.audit_log import AuditLog
 
     def fresh(name):
         log = AuditLog(tmp_path / name / "audit.jsonl")

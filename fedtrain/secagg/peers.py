@@ -23,7 +23,7 @@ from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyB
 
 from fedtrain.errors import SecAggError
 from fedtrain.protocol import fedtrain_pb2 as pb
-from fedtrain.tls import Identity, fingerprint, role_and_name
+from fedtrain.protocol.tls import Identity, fingerprint, role_and_name
 
 _LABEL = b"fedtrain-secagg/v1/public-keys"
 _ECDSA = ec.ECDSA(hashes.SHA256())

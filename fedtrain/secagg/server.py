@@ -37,7 +37,7 @@ from fedtrain.secagg import crypto
 from fedtrain.secagg.encoding import FIELD, check_sum, decode_sum, quant_bits
 from fedtrain.secagg.node import check_threshold
 from fedtrain.secagg.peers import load_certificate, signed_by
-from fedtrain.tls import fingerprint
+from fedtrain.protocol.tls import fingerprint
 from fedtrain.spec import SecureAggregationSpec
 
 # Shamir shares of a 32-byte secret: 4 index bytes, then 16 per padded 16-byte chunk.

@@ -8,16 +8,12 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fedtrain.errors import FedtrainError
+from fedtrain.errors import Unavailable, from_rpc
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import GRPC_OPTIONS, decode_arrays
 from fedtrain.spec import JobSpec, load_job_spec
-from fedtrain.tls import Identity, channel
-
-
-class CoordinatorError(FedtrainError):
-    pass
+from fedtrain.protocol.tls import Identity, channel
 
 
 class CoordinatorClient:
@@ -43,13 +39,13 @@ class CoordinatorClient:
             return fn(request, timeout=self.timeout)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAVAILABLE:
-                raise CoordinatorError(
+                raise Unavailable(
                     f"no coordinator answers at {self.address} ({err.details()}); start one with `fedtrain"
                     " coordinator start` or pass --coordinator HOST:PORT"
                     + ("; over TLS, check that the coordinator trusts this certificate's CA and that it has"
                        " not expired" if self.tls else "; a coordinator that speaks TLS needs --tls-dir")
                 ) from None
-            raise CoordinatorError(f"{err.code().name}: {err.details()}") from None
+            raise from_rpc(err) from None
 
     def healthy(self) -> bool:
         stub = health_pb2_grpc.HealthStub(self._channel)
@@ -72,8 +68,5 @@ class CoordinatorClient:
 
     def model(self, job_id: str, round: int = 0) -> dict[str, np.ndarray]:
         """The job's global model (its trainable tensors) after ``round``; 0 means the latest."""
-        try:
-            request = pb.GetJobRequest(job_id=job_id, round=round)
-            return decode_arrays(self._jobs.FetchModel(request, timeout=self.timeout))
-        except grpc.RpcError as err:
-            raise CoordinatorError(f"{err.code().name}: {err.details()}") from None
+        request = pb.GetJobRequest(job_id=job_id, round=round)
+        return self._call(lambda r, timeout: decode_arrays(self._jobs.FetchModel(r, timeout=timeout)), request)

@@ -1,10 +1,11 @@
 """DP-SGD training of one round on a node, with Opacus.
 
-One entry point, :func:`train_round`: from the global model's trainable tensors it
-trains one round with the planned noise and sample rate, checks that Opacus's own
-accountant recorded exactly that plan (what the node charges to its ledger) and that
-only the job's trainable tensors come out. Only trainable parameters are wrapped: a
-frozen base model (LoRA) gets no per-example gradients and no noise.
+:func:`train_round`, which ``fedtrain.node.round.PrivateRound.train`` runs: from the
+global model's trainable tensors it trains one round with the planned noise and sample
+rate, checks that Opacus's own accountant recorded exactly that plan (what the node
+charges to its ledger) and that only the job's trainable tensors come out. Only
+trainable parameters are wrapped: a frozen base model (LoRA) gets no per-example
+gradients and no noise.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from fedtrain.models import build_model, load_trainable_state, loss_fn, trainabl
 from fedtrain.protocol.codec import manifest_of
 from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.spec import JobSpec
-from fedtrain.training import run_epochs, sgd
+from fedtrain.node.training import run_epochs, sgd
 
 
 @dataclass(frozen=True)
-class PrivateRound:
+class TrainedRound:
     loss: float      # a statistic of the data without noise: it stays on the node
     plan: RoundPlan  # as recorded by Opacus's accountant, not as requested
 
@@ -63,7 +64,7 @@ def _poisson_loader(dataset: TensorDataset, sample_rate: float) -> DataLoader:
 
 
 def train_private(model: nn.Module, dataset: TensorDataset, spec: JobSpec, plan: RoundPlan,
-                  batch_size: int) -> PrivateRound:
+                  batch_size: int) -> TrainedRound:
     """Train ``model`` in place for one round of DP-SGD (Poisson sampling, flat clipping).
 
     Every value that steers the round is public: the plan (from the spec and the node's
@@ -112,7 +113,7 @@ def train_private(model: nn.Module, dataset: TensorDataset, spec: JobSpec, plan:
     history = engine.accountant.history
     # One (noise, rate, steps) entry, since noise and rate are fixed for the round.
     (sigma, rate, steps), = history
-    return PrivateRound(loss=loss, plan=RoundPlan(noise_multiplier=sigma, sample_rate=rate, steps=steps))
+    return TrainedRound(loss=loss, plan=RoundPlan(noise_multiplier=sigma, sample_rate=rate, steps=steps))
 
 
 def train_round(spec: JobSpec, dataset: TensorDataset, start: dict[str, np.ndarray], plan: RoundPlan,

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedtrain import tls
-from fedtrain.client import CoordinatorClient
+from fedtrain.protocol import tls
+from fedtrain.cli.client import CoordinatorClient
 from fedtrain.errors import FedtrainError
 
 

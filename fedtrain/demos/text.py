@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedtrain.data import TextTable
-from fedtrain.demo import run_local_job, train_centrally, write_demo_report
+from fedtrain.demos.tabular import run_local_job, train_centrally, write_demo_report
 from fedtrain.errors import FedtrainError
 from fedtrain.models import load_dataset
 from fedtrain.models.transformer import resolve_base, weights_digest

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedtrain.errors import FedtrainError
+from fedtrain.errors import TLSError
 from fedtrain.storage import write_private
 
 ROLES = ("coordinator", "node", "operator")
@@ -33,10 +33,6 @@ CA_CERT, CA_KEY = "ca.pem", "ca.key"
 CERT, KEY = "cert.pem", "key.pem"
 # The names a coordinator certificate answers to unless others are given: the demo's.
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
-
-
-class TLSError(FedtrainError):
-    pass
 
 
 @dataclass(frozen=True)

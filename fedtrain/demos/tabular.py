@@ -19,17 +19,17 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
-from fedtrain.cli import follow, status_table
+from fedtrain.cli.views import follow, status_table
 from fedtrain.console import console
 from fedtrain.data import load_table, read_arrow, write_table
 from fedtrain.errors import FedtrainError
 from fedtrain.protocol import fedtrain_pb2 as pb
-from fedtrain.launch import LocalConsortium
+from fedtrain.demos.launch import LocalConsortium
 from fedtrain.models import build_model, evaluate, initial_state, load_dataset, load_trainable_state, loss_fn
 from fedtrain.policy import load_policy
-from fedtrain.privacy.ledger import PrivacyLedger
+from fedtrain.node.ledger import PrivacyLedger
 from fedtrain.spec import JobSpec, parse_job_spec
-from fedtrain.training import train_plain
+from fedtrain.node.training import train_plain
 
 NODES = ("hospital-a", "hospital-b", "hospital-c")
 LABEL = "malignant"
