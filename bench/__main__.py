@@ -26,6 +26,10 @@ Simulation (`fedtrain simulate`, Flower's engine on Ray), N = 10, 100, 1,000 vir
 Round overhead (real processes: the demo's job, a coordinator and 3 nodes, mutual TLS; out/bench/overhead.json):
 - round wall time - the slowest node's local DP-SGD training, round 1 and rounds 2+, secure aggregation off and on;
 - seconds from spawning a node's process to its registration with the coordinator.
+
+Privacy audit (`fedtrain audit`, one run, white-box canaries; out/bench/audit.json):
+- the ε lower bound / the claimed ε at ε = 1, 4, 8 on a tabular job (5 audits each), and the audit's run time;
+- the bound of the same audit with noise switched off (the most its canaries can show).
 """
 
 from __future__ import annotations
@@ -239,11 +243,33 @@ def round_overhead() -> None:
     console.print(f"results: {path}")
 
 
+def privacy_audit() -> None:
+    from bench.audit import run
+
+    result = run()
+    path = Path("out/bench/audit.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    table = Table(title=f"one-run privacy audit: {result['job']}")
+    for col in ("claimed ε", "lower bound: median / max", "median bound / claimed", "right guesses (of each)",
+                "VIOLATIONs", "seconds (median)"):
+        table.add_column(col, justify="right")
+    for a in result["audits"]:
+        claimed = "no noise (test-only)" if a["noise_disabled"] else f"{a['claimed_epsilon']:g}"
+        bound = a["epsilon_lower_bound"]
+        table.add_row(claimed, f"{bound['median']:.3f} / {bound['max']:.3f}",
+                      "-" if a["tightness_median"] is None else f"{a['tightness_median']:.3f}",
+                      f"{', '.join(map(str, a['correct_guesses']))} (of {a['guesses']})", str(a["violations"]),
+                      f"{a['seconds_median']:.1f}")
+    console.print(table)
+    console.print(f"not measured: {result['not_measured']}; results: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-demo", action="store_true", help="skip the federated text demo (a few minutes)")
-    parser.add_argument("--only", choices=["tabular", "lora", "secagg", "tls", "simulate", "overhead"], help="run one group of measurements")
+    parser.add_argument("--only", choices=["tabular", "lora", "secagg", "tls", "simulate", "overhead", "audit"], help="run one group of measurements")
     args = parser.parse_args()
     if args.only in (None, "tabular"):
         tabular()
@@ -257,6 +283,8 @@ def main() -> None:
         simulation()
     if args.only in (None, "overhead"):
         round_overhead()
+    if args.only in (None, "audit"):
+        privacy_audit()
 
 
 if __name__ == "__main__":

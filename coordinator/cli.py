@@ -42,6 +42,10 @@ def start(
     eval_dir: Path | None = typer.Option(None, "--eval-dir", exists=True, file_okay=False,
                                   help="The only directory whose tables a job's evaluation.data may name"
                                        " [default: STATE_DIR/eval]."),
+    audit_canaries: int = typer.Option(0, "--audit-canaries", min=0,
+                                       help="Audit each ended job's privacy claim with this many canaries on its"
+                                            " evaluation table (`fedtrain audit`); the report shows the bound."
+                                            " 0: no audits."),
 ) -> None:
     """Start the coordinator and serve until SIGINT/SIGTERM.
 
@@ -57,7 +61,8 @@ def start(
     identity = identity_option(tls_dir, insecure, "coordinator")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s", force=True)
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
-    server, bound, coord = serve(state_dir, host, port, identity=identity, eval_dir=eval_dir, faults=faults)
+    server, bound, coord = serve(state_dir, host, port, identity=identity, eval_dir=eval_dir, faults=faults,
+                                 audit_canaries=audit_canaries)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -41,7 +41,9 @@ class Coordinator:
     running jobs."""
 
     def __init__(self, state_dir: Path, identity: Identity | None = None, eval_dir: Path | None = None,
-                 faults: Faults = Faults()):
+                 faults: Faults = Faults(), audit_canaries: int = 0):
+        """``audit_canaries``: audit every ended job that has evaluation data with this many
+        canaries (0: no audits; see :meth:`audit`)."""
         private_dir(state_dir)
         # With an identity the coordinator speaks mutual TLS only, and knows nodes by certificate.
         self.identity = identity
@@ -52,6 +54,7 @@ class Coordinator:
         # The only files a job's evaluation.data may name.
         self.eval_dir = private_dir(state_dir / "eval") if eval_dir is None else eval_dir
         self.faults = faults
+        self.audit_canaries = audit_canaries
         self.mailbox = Mailbox()
         self.runners: dict[str, JobRunner] = {}
         # Flower stamps messages with a process-wide task identity; the coordinator plays
@@ -100,12 +103,10 @@ class Coordinator:
         self._start(job_id, spec, strategy, eval_data, initial)
         return job_id
 
-    def evaluation_data(self, spec: JobSpec) -> TensorDataset | None:
+    def evaluation_path(self, spec: JobSpec) -> Path:
         """The job's evaluation table, from the evaluation directory only (symlinks and ``..``
         resolved first). Errors name the path as the job gave it, never what a file holds: the
         operator who submits a job may not read the coordinator's disk through them."""
-        if spec.evaluation is None:
-            return None
         name = spec.evaluation.data
         try:
             root = self.eval_dir.resolve()
@@ -116,12 +117,42 @@ class Coordinator:
         if not found:
             raise SpecError(f"evaluation.data {name[:200]!r} is not a file in the coordinator's evaluation"
                             " directory (`fedtrain coordinator start --eval-dir`)")
+        return path
+
+    def evaluation_data(self, spec: JobSpec) -> TensorDataset | None:
+        if spec.evaluation is None:
+            return None
+        path = self.evaluation_path(spec)
         try:
             return load_dataset(path, spec)
         except Exception as err:  # whatever the reader raises may quote the file
             log.warning("evaluation table %s cannot be read for job %s (%s)", path, spec.name, type(err).__name__)
-            raise SpecError(f"evaluation.data {name[:200]!r} cannot be read as this job's evaluation table:"
-                            " check its format, columns and labels") from None
+            raise SpecError(f"evaluation.data {spec.evaluation.data[:200]!r} cannot be read as this job's"
+                            " evaluation table: check its format, columns and labels") from None
+
+    def audit(self, spec: JobSpec) -> dict | None:
+        """The one-run privacy audit of ``spec`` (``fedtrain.audit``) on the coordinator's own
+        evaluation table, never a node's data: the job's pipeline (model, preprocessing, DP
+        parameters, strategy) run in-process over ``min_nodes`` nodes, with canaries in one.
+        None when audits are off, the job has no evaluation data, or the audit cannot take it."""
+        if not self.audit_canaries or spec.evaluation is None:
+            return None
+        from fedtrain.audit import run_audit
+        from fedtrain.audit.canaries import directions
+
+        try:
+            canaries = min(self.audit_canaries, len(directions(spec)))
+            result = run_audit(spec, self.evaluation_path(spec), nodes=max(spec.min_nodes, 2), canaries=canaries,
+                               white_box=spec.model.kind == "logistic")
+        except FedtrainError as err:  # e.g. a transformer job: the report shows no audit
+            log.info("job %s is not audited: %s", spec.name, err)
+            return None
+        except Exception:  # a failed audit costs the audit, not the report
+            log.exception("job %s: the audit failed", spec.name)
+            return None
+        log.info("job %s audited: ε lower bound %.3f against the claimed %g (%s)", spec.name,
+                 result.epsilon_lower_bound, result.claimed_epsilon, result.verdict)
+        return result.model_dump()
 
     def job_status(self, job_id: str) -> pb.JobStatus | None:
         job = self.job_store.job(job_id)
@@ -149,7 +180,8 @@ class Coordinator:
         status = self.job_status(job_id)
         status.state, status.error = state, error
         try:
-            path = write_report(status, private_dir(self.reports / job_id))
+            audit = self.audit(_stored_spec(status.spec_json))
+            path = write_report(status, private_dir(self.reports / job_id), audit)
         except Exception:  # a report that cannot be written costs the report, not the job
             log.exception("job %s: cannot write its report", job_id)
             return

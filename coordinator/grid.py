@@ -16,11 +16,11 @@ import uuid
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Message, Metadata, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedtrain.protocol.records import RESULT_METRICS, arrays_to_numpy
+from fedtrain.protocol.records import RESULT_METRICS, arrays_to_numpy, with_message_id
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.errors import JobCancelled, WireError
 from fedtrain.privacy.accounting import RoundPlan
@@ -62,18 +62,6 @@ def check_update(spec: JobSpec, sent: dict[str, np.ndarray], header: pb.ResultHe
     if not norm <= bound:
         raise WireError(f"the update moves the global model by {norm:.4g} (L2 norm), more than the bound of"
                         f" {bound:.4g} that one round of its DP plan can (fedtrain.server.robust.update_bound)")
-
-
-def _with_message_id(msg: Message, message_id: str) -> Message:
-    """A copy of the instruction ``msg`` that carries ``message_id``, made with Flower's public
-    constructors (a SuperLink assigns message ids on its own links; this grid's are its task
-    ids). Replies made with ``Message(..., reply_to=copy)`` name it as the message they answer."""
-    m = msg.metadata
-    metadata = Metadata(run_id=m.run_id, message_id=message_id, src_node_id=m.src_node_id,
-                        dst_node_id=m.dst_node_id, reply_to_message_id=m.reply_to_message_id,
-                        group_id=m.group_id, created_at=m.created_at, ttl=m.ttl, message_type=m.message_type,
-                        src_task_id=m.src_task_id, dst_task_id=m.dst_task_id)
-    return Message(content=msg.content, metadata=metadata)
 
 
 class NetworkGrid(Grid):
@@ -138,7 +126,7 @@ class NetworkGrid(Grid):
         task_id = uuid.uuid4().hex
         round = int(msg.content["config"]["server-round"])
         self.mailbox.post(Task(task_id, self.job_id, msg.metadata.dst_node_id, round,
-                               _with_message_id(msg, task_id), arrays, expect, accept, secagg))
+                               with_message_id(msg, task_id), arrays, expect, accept, secagg))
         if not self._running:
             self.jobs.mark_running(self.job_id)
             self._running = True

@@ -25,14 +25,15 @@ OPERATOR_WORKERS = 8
 
 def serve(state_dir: Path, host: str = "127.0.0.1", port: int = 0, workers: int = 32,
           identity: Identity | None = None, eval_dir: Path | None = None,
-          faults: Faults = Faults()) -> tuple[grpc.Server, int, Coordinator]:
+          faults: Faults = Faults(), audit_canaries: int = 0) -> tuple[grpc.Server, int, Coordinator]:
     """Start the coordinator; returns the server, the bound port and the shared state.
 
     With ``identity`` it serves mutual TLS only; without, plaintext (``--insecure``).
     ``eval_dir`` holds the tables jobs may evaluate on (default: ``state_dir/eval``).
-    ``faults``: where its jobs hold, for the tests of crashes (``fedtrain.faults``).
+    ``faults``: where its jobs hold, for the tests of crashes (``fedtrain.faults``);
+    ``audit_canaries``: audit each ended job on its evaluation table (``Coordinator.audit``).
     """
-    coord = Coordinator(state_dir, identity, eval_dir, faults)
+    coord = Coordinator(state_dir, identity, eval_dir, faults, audit_canaries)
     auth = Auth(identity, coord.registry)
     # Each connected node holds one worker during its long poll: size the pool for the consortium.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)

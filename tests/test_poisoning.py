@@ -19,11 +19,10 @@ from fedtrain.privacy.accounting import RoundPlan, plan_round
 from fedtrain.node.dp_sgd import expected_batch_size, train_round
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import decode_arrays, encode_arrays, encode_values
-from fedtrain.protocol.records import numpy_to_arrays
+from fedtrain.protocol.records import numpy_to_arrays, with_message_id
 from fedtrain.server.robust import check_plan, update_bound
 from fedtrain.server.rounds import run_rounds
 from fedtrain.server.strategy import build_strategy
-from coordinator.grid import _with_message_id
 
 from conftest import FEATURES, eventually, make_spec
 from test_end_to_end import wait_for
@@ -224,7 +223,7 @@ def test_the_spec_refuses_a_robust_strategy_under_secure_aggregation_and_bad_par
 def _replies(messages, updates, metrics):
     out = []
     for msg, arrays, m in zip(messages, updates, metrics):
-        msg = _with_message_id(msg, uuid.uuid4().hex)  # as the grid posts it
+        msg = with_message_id(msg, uuid.uuid4().hex)  # as the grid posts it
         out.append(Message(RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": MetricRecord(m)}),
                            reply_to=msg))
     return out

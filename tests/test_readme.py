@@ -193,6 +193,8 @@ def test_readme_walkthrough(tmp_path):
     assert len(result["rounds"]) == 5 and all(r["nodes"] == 50 for r in result["rounds"])
     assert all(2.5 < e <= 3.0 for e in result["epsilon"])  # each virtual node's DP-SGD, to the job's ε
     assert result["rounds"][-1]["metrics"]["accuracy"] > 0.85
+    audit = result["audit"]  # --audit: the job's claim, measured from below on the same table
+    assert audit["claimed_epsilon"] == 3.0 and audit["canaries"] == 30 and audit["verdict"] == "consistent"
 
     assert w.ran == set(w.commands), f"README commands the walkthrough did not run: {set(w.commands) - w.ran}"
 

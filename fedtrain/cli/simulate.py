@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -20,6 +21,8 @@ def simulate_command(
     cpus_per_node: float = typer.Option(1.0, min=0.01, help="CPUs Ray reserves per virtual node in training (Flower's"
                                         " default is 2: one node at a time on 2 cores)."),
     out: Path = typer.Option(None, help="Directory for the partitions and simulation.json (default: temporary)."),
+    audit: bool = typer.Option(False, "--audit", help="Also audit the job's privacy claim on the same table and"
+                               " nodes (`fedtrain audit`, up to 200 canaries); a VIOLATION exits 1."),
 ) -> None:
     """Rehearse a job with N virtual nodes on this machine (Flower's simulation engine).
 
@@ -65,8 +68,19 @@ def simulate_command(
     console.print(f"rows per node {min(sizes)}..{max(sizes)}; ε per node {min(result.epsilon):.3f}.."
                   f"{max(result.epsilon):.3f} of the job's {spec.privacy.epsilon} (δ={spec.privacy.delta});"
                   f" peak memory {result.peak_rss_bytes / 2**30:.2f} GiB; {result.wall_seconds:.0f} s in all")
+    audited = None
+    if audit:
+        from fedtrain.audit import run_audit
+        from fedtrain.audit.canaries import directions
+        from fedtrain.cli.audit import show
+
+        with console.status(f"{spec.name}: auditing on {nodes} nodes"):
+            audited = run_audit(spec, data, nodes=nodes, canaries=min(200, len(directions(spec))),
+                                white_box=spec.model.kind == "logistic")
+        show(audited)
     if out is not None:
-        (out / "simulation.json").write_text(result.to_json())
+        summary = json.loads(result.to_json()) | {"audit": audited.model_dump() if audited else None}
+        (out / "simulation.json").write_text(json.dumps(summary, indent=2))
         console.print(f"written: {out / 'simulation.json'}")
     given_up = [r for r in result.rounds if r.given_up]
     if given_up:
@@ -76,5 +90,5 @@ def simulate_command(
         console.print(f"Flower's log, with each failure's traceback: {work / 'flower.log'}", highlight=False)
     elif out is None:
         shutil.rmtree(work)
-    if len(given_up) == len(result.rounds):
+    if len(given_up) == len(result.rounds) or (audited is not None and audited.verdict != "consistent"):
         raise typer.Exit(1)

@@ -4,7 +4,7 @@ arrays and back: the one place both sides convert."""
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message, Metadata
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -24,3 +24,15 @@ RESULT_METRICS: dict[str, type] = {
     "num-examples": int, "noise-multiplier": float, "sample-rate": float, "steps": int,
     "epsilon": float, "delta": float,
 }
+
+
+def with_message_id(msg: Message, message_id: str) -> Message:
+    """A copy of the instruction ``msg`` that carries ``message_id``, made with Flower's public
+    constructors (a SuperLink assigns message ids on its own links; a fedtrain grid's are its
+    task ids). Replies made with ``Message(..., reply_to=copy)`` name it as the message they answer."""
+    m = msg.metadata
+    metadata = Metadata(run_id=m.run_id, message_id=message_id, src_node_id=m.src_node_id,
+                        dst_node_id=m.dst_node_id, reply_to_message_id=m.reply_to_message_id,
+                        group_id=m.group_id, created_at=m.created_at, ttl=m.ttl, message_type=m.message_type,
+                        src_task_id=m.src_task_id, dst_task_id=m.dst_task_id)
+    return Message(content=msg.content, metadata=metadata)

@@ -20,8 +20,9 @@ from fedtrain.spec import job_spec_from_json
 REPORT_JSON, REPORT_HTML = "report.json", "report.html"
 
 
-def job_report(status: pb.JobStatus) -> dict:
-    """The report's content, as plain JSON-able data."""
+def job_report(status: pb.JobStatus, audit: dict | None = None) -> dict:
+    """The report's content, as plain JSON-able data; ``audit``, the job's privacy audit
+    (``fedtrain.audit.AuditResult`` as a dict), if one was run."""
     spec = job_spec_from_json(status.spec_json)
 
     def node_entry(decision: str = "", reason: str = "") -> dict:
@@ -51,6 +52,7 @@ def job_report(status: pb.JobStatus) -> dict:
                 "epsilon": spec.privacy.epsilon, "delta": spec.privacy.delta},
         "rounds": rounds,
         "nodes": nodes,
+        "audit": audit,
     }
 
 
@@ -140,6 +142,15 @@ def render_html(report: dict) -> str:
          f"{n['epsilon'][max(n['epsilon'], key=int)]:.4f}" if n["epsilon"] else "-"]
         for name, n in sorted(report["nodes"].items())
     ])
+    audit = report.get("audit")
+    audited = "" if audit is None else "<h2>Privacy audit</h2>" + _table(
+        ["claimed ε (accountant)", "ε lower bound (one-run audit)", "verdict", "canaries", "right guesses",
+         "confidence", "score"],
+        [[f"{audit['claimed_epsilon']:g}", f"{audit['epsilon_lower_bound']:.3f}", audit["verdict"],
+          str(audit["canaries"]), f"{audit['correct_guesses']} of {audit['guesses']}", f"{audit['confidence']:g}",
+          audit["score"]]]) + ("<p>The job's pipeline, run by the coordinator on its own evaluation table with"
+                               " canaries in one node's share: a bound above the claimed ε would mean the"
+                               " pipeline leaks more than it claims.</p>")
     figures = "".join(f"<figure><figcaption>{html.escape(title)}</figcaption>{svg}</figure>"
                       for title, svg in _figures(report))
     error = f"<p class=error>{html.escape(job['error'])}</p>" if job["error"] else ""
@@ -157,17 +168,18 @@ svg {{ max-width: 100%; height: auto; }}
 <p>spec sha256 <code>{job['spec_sha256']}</code>. Everything here is what the coordinator received:
 DP-protected updates (or their secure sum), the DP parameters and ε each node reported, and the
 evaluation of the global model on the coordinator's own data.</p>
-{figures}
+{audited}{figures}
 <h2>Rounds</h2>{per_round}
 <h2>Nodes</h2>{per_node}
 </body></html>
 """
 
 
-def write_report(status: pb.JobStatus, out: Path) -> Path:
-    """Write report.json and report.html for ``status`` into ``out``; returns the HTML's path."""
+def write_report(status: pb.JobStatus, out: Path, audit: dict | None = None) -> Path:
+    """Write report.json and report.html for ``status`` (and its ``audit``) into ``out``;
+    returns the HTML's path."""
     out.mkdir(parents=True, exist_ok=True)
-    report = job_report(status)
+    report = job_report(status, audit)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2))
     page = out / REPORT_HTML
     page.write_text(render_html(report), encoding="utf-8")

@@ -1,0 +1,204 @@
+"""``fedtrain audit``: measure a job's privacy with one training run (Steinke, Nasr and
+Jagielski 2023; the bound is :func:`fedtrain.privacy.one_run.epsilon_lower_bound`).
+
+An operator-side tool that runs both sides in-process, like the simulation: the table is
+split IID over ``nodes`` nodes, node 0 also holds each of ``m`` canaries with probability
+1/2, every node trains with the node's own ``PrivateRound`` and the rounds aggregate with
+the coordinator's own strategy and loop over a small in-process grid. The auditor then
+scores each canary, guesses "in" for the highest scores and "out" for the lowest, and
+turns the number of right guesses into an ε that the run refutes at 95% confidence. A
+bound above the claimed ε means the training is not as private as it says: a bug.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+from pydantic import BaseModel
+from torch.utils.data import TensorDataset
+
+from fedtrain.audit import canaries as canary_lib
+from fedtrain.errors import SpecError
+from fedtrain.node.round import PrivateRound
+from fedtrain.privacy.accounting import RoundPlan
+from fedtrain.privacy.one_run import epsilon_lower_bound
+from fedtrain.protocol.records import arrays_to_numpy, numpy_to_arrays, with_message_id
+from fedtrain.spec import JobSpec
+
+CONFIDENCE = 0.95
+
+
+class AuditResult(BaseModel):
+    job: str
+    claimed_epsilon: float
+    epsilon_lower_bound: float
+    delta: float
+    confidence: float = CONFIDENCE
+    canaries: int
+    guesses: int
+    correct_guesses: int
+    verdict: Literal["consistent", "VIOLATION"]
+    score: Literal["white-box", "black-box"]
+    nodes: int
+    rounds: int
+    noise_disabled: bool = False  # the test-only switch: never a claim about the job
+    seconds: float
+
+
+def default_guesses(m: int) -> int:
+    """How many canaries the auditor guesses on, fixed from ``m`` alone, before any score is
+    seen: choosing r after looking at the scores (e.g. where they look most separated) would
+    be a search over r, and the bound holds for one r chosen in advance. Half the canaries
+    (at least 10) trades a wider tail (more guesses, more power) against weaker scores."""
+    r = min(m, max(10, m // 2))
+    return r - r % 2
+
+
+class _AuditGrid:
+    """The nodes of the audit as a Flower grid: each message is answered at once by that
+    node's ``PrivateRound``, with the reply a node agent sends (its update and public metrics).
+
+    For the white-box score it keeps, each round, the start and node 0's update, and a
+    reference: node 0's round run again from the same start on its real rows alone, without
+    noise. The difference is the canaries' pull plus the noise; the real data's pull on each
+    canary's column, which would drown the canaries, cancels. The reference depends on no
+    canary bit, so subtracting it is post-processing and the bound stays valid (and a node
+    whose noise repeats from a fixed seed would show its canaries bare)."""
+
+    def __init__(self, spec: JobSpec, datasets: list[TensorDataset], real0: TensorDataset, declared: list[int],
+                 disable_noise: bool):
+        self.spec = spec
+        self.datasets = datasets
+        self.real0 = real0
+        self.rounds: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        self.private = [PrivateRound(spec, n) for n in declared]
+        if disable_noise:  # test-only: the plan is the spec's but with σ = 0 (no DP at all)
+            for p in self.private:
+                p.plan = _noiseless(p.plan)
+        self.reference = PrivateRound(spec, declared[0])
+        self.reference.plan = _noiseless(self.reference.plan)
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, len(self.datasets) + 1))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            i = msg.metadata.dst_node_id - 1
+            start = arrays_to_numpy(msg.content["arrays"])
+            private = self.private[i]
+            update = private.train(self.datasets[i], start)
+            if i == 0:
+                self.rounds.append((start, update.arrays, self.reference.train(self.real0, start).arrays))
+            content = RecordDict({"arrays": numpy_to_arrays(update.arrays),
+                                  "metrics": MetricRecord(private.metrics(num_examples=True))})
+            replies.append(Message(content, reply_to=with_message_id(msg, uuid.uuid4().hex)))
+        return replies
+
+
+def _noiseless(plan: RoundPlan) -> RoundPlan:
+    return dataclasses.replace(plan, noise_multiplier=0.0)
+
+
+def _play_the_server() -> None:
+    """Flower stamps messages with a process-wide task identity; outside a Flower app (and a
+    coordinator, which sets the same) the audit plays the server's role, as the coordinator does."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    try:
+        TaskIdentity.run_id
+    except RuntimeError:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _weight_key(spec: JobSpec, state: dict[str, np.ndarray]) -> str:
+    shape = (spec.model.num_classes, len(spec.data.features))
+    return next(k for k, v in state.items() if k.endswith("weight") and v.shape == shape)
+
+
+def run_audit(spec: JobSpec, table: Path, *, nodes: int = 3, canaries: int, guesses: int | None = None,
+              white_box: bool = True, seed: int | None = None, disable_noise: bool = False) -> AuditResult:
+    """Train ``spec`` once on ``table`` split over ``nodes`` nodes, node 0 holding a random half
+    of ``canaries`` canaries, and bound ε from below by how well the canaries' membership is guessed.
+
+    ``white_box``: score by node 0's own updates (what the coordinator sees of it in the
+    clear); otherwise by the final global model's loss on each canary (what anyone with the
+    model sees). ``seed`` makes the canary bits and the split reproducible (the DP noise
+    stays unpredictable); ``disable_noise`` trains without noise, for tests of the audit
+    itself: it exists only here, never in a spec or on the wire."""
+    from fedtrain.models import build_model, initial_state, load_dataset, load_trainable_state
+    from fedtrain.server.rounds import run_rounds
+    from fedtrain.server.strategy import build_strategy
+
+    started = time.monotonic()
+    if spec.model.kind == "transformer":
+        raise SpecError("the audit crafts canaries for tabular models; a transformer job is not supported yet")
+    if white_box and spec.model.kind != "logistic":
+        raise SpecError("white-box canaries need a logistic model (their gradient is one column of W);"
+                        " audit an mlp with --black-box")
+    if nodes < max(1, spec.min_nodes):
+        raise SpecError(f"the job needs min_nodes={spec.min_nodes} per round; audit with at least that many nodes")
+    chosen = canary_lib.make_canaries(spec, canaries)
+    r = default_guesses(canaries) if guesses is None else guesses
+    if not (0 < r <= canaries and r % 2 == 0):
+        raise SpecError(f"guesses must be even and in 2..{canaries}, not {r}")
+    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    inside = rng.random(canaries) < 0.5
+
+    data = load_dataset(table, spec)
+    features, labels = data.tensors
+    parts = np.array_split(rng.permutation(len(labels)), nodes)
+    cx, cy = canary_lib.canary_rows(spec, [c for c, b in zip(chosen, inside) if b])
+    datasets = [TensorDataset(features[p], labels[p]) for p in parts]
+    datasets[0] = TensorDataset(torch.cat([features[parts[0]], cx]), torch.cat([labels[parts[0]], cy]))
+    # Node 0 declares its rows plus half the canaries: a declared size (the policy's) must not
+    # depend on which canaries are in, or the plan itself would tell their count.
+    declared = [len(p) for p in parts]
+    declared[0] += canaries // 2
+
+    _play_the_server()
+    grid = _AuditGrid(spec, datasets, TensorDataset(features[parts[0]], labels[parts[0]]), declared, disable_noise)
+    final: dict[str, np.ndarray] = {}
+
+    def keep(server_round: int, weights: dict[str, np.ndarray], given_up: str) -> None:
+        final.update(weights)
+
+    flower = logging.getLogger("flwr")  # a line per round and node on stderr: the result says it all
+    level = flower.level
+    flower.setLevel(logging.ERROR)
+    try:
+        run_rounds(build_strategy(spec), grid, spec, initial_state(spec), 1, keep)
+    finally:
+        flower.setLevel(level)
+
+    if white_box:
+        weight = _weight_key(spec, final)
+        scores = np.zeros(canaries)
+        for start, update, reference in grid.rounds:
+            scores += canary_lib.white_box_scores(chosen, update, reference, weight)
+    else:
+        model = build_model(spec)
+        load_trainable_state(model, final)
+        scores = canary_lib.black_box_scores(model, spec, chosen)
+
+    # Guess "in" for the r/2 highest scores, "out" for the r/2 lowest; ties broken at random.
+    order = np.lexsort((rng.random(canaries), scores))
+    low, high = order[: r // 2], order[canaries - r // 2:]
+    correct = int(inside[high].sum() + (~inside[low]).sum())
+    bound = epsilon_lower_bound(canaries, r, correct, spec.privacy.delta, CONFIDENCE)
+    return AuditResult(
+        job=spec.name, claimed_epsilon=spec.privacy.epsilon, epsilon_lower_bound=bound, delta=spec.privacy.delta,
+        canaries=canaries, guesses=r, correct_guesses=correct,
+        verdict="consistent" if bound <= spec.privacy.epsilon else "VIOLATION",
+        score="white-box" if white_box else "black-box", nodes=nodes, rounds=spec.training.rounds,
+        noise_disabled=disable_noise, seconds=time.monotonic() - started)
