@@ -32,8 +32,10 @@ from coordinator.mailbox import Mailbox, Task
 
 # A node counts as connected while it has polled within this many seconds.
 NODE_LIVENESS_SECONDS = 30.0
-# How long a round waits for connected nodes to decide on the job's offer.
-DECISION_GRACE_SECONDS = 10.0
+# How long a round waits for connected nodes to decide on the job's offer. A node registers
+# before it loads torch and Opacus, so a just-started one needs that time too (about 10 s
+# with three starting at once on 2 cores); the wait ends as soon as no node is undecided.
+DECISION_GRACE_SECONDS = 30.0
 # How long ``get_node_ids`` waits for min_nodes nodes to have accepted, before it lets
 # Flower's sampler wait (in steps of 1 s) and ask again.
 NODES_WAIT_SECONDS = 5.0

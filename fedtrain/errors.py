@@ -172,12 +172,15 @@ def abort(context: grpc.ServicerContext, err: FedtrainError) -> None:
 
 
 def from_rpc(err: grpc.RpcError) -> FedtrainError:
-    """The error the other side raised, as its class here (``RemoteError`` if none fits)."""
+    """The error the other side raised, as its class here (``RemoteError`` if none fits).
+
+    A named class counts only with its own status code: a peer cannot make a caller take
+    one kind of error (a fault point, say) for a status that means another."""
     code, details = err.code(), err.details() or ""
     named = dict(err.trailing_metadata() or ()).get(ERROR_KEY) if hasattr(err, "trailing_metadata") else None
-    cls = _wire_classes().get(named or "") or _BY_CODE.get(code)
+    cls = _wire_classes().get(named or "")
+    if cls is None or cls.code != code:
+        cls = _BY_CODE.get(code)
     if cls is None or cls is RemoteError:
         return RemoteError(f"{code.name}: {details}", code)
-    out = cls(details)
-    out.code = code  # as the peer sent it
-    return out
+    return cls(details)

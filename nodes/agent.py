@@ -128,14 +128,15 @@ class NodeAgent:
                 # Charged results that a crash or an outage kept from the coordinator go first.
                 self._deliver_undelivered()
                 self._answer_offers()
-                reply = self._poll()
+                reply = self._send("Poll", self._stub.Poll,
+                                   pb.PollRequest(node_id=self.node_id, wait_seconds=self.poll_seconds))
                 item = reply.WhichOneof("item")
                 if item == "offer":
                     self._on_offer(reply.offer)
                 elif item == "task":
                     self._on_task(reply.task)
-            except (grpc.RpcError, UnknownNode) as raised:
-                err = raised if isinstance(raised, UnknownNode) else errors.from_rpc(raised)
+            except grpc.RpcError as raised:
+                err = errors.from_rpc(raised)
                 if isinstance(err, UnknownNode):
                     self._register(stop)  # the coordinator lost us, e.g. a new state dir
                 elif isinstance(err, PermissionDenied):  # e.g. revoked: retrying cannot help
@@ -174,17 +175,6 @@ class NodeAgent:
         self.ledger = PrivacyLedger(self._paths.ledger, max_epsilon=self.policy.max_epsilon, delta=self.policy.delta)
         self.secure = SecureStages(self._peer_auth, self.policy, self.ledger)
         self.tasks = TrainingTasks(self.data, self.policy, self.ledger, self.key, self.secure)
-
-    def _poll(self) -> pb.PollReply:
-        try:
-            return self._send("Poll", self._stub.Poll,
-                              pb.PollRequest(node_id=self.node_id, wait_seconds=self.poll_seconds))
-        except grpc.RpcError as raised:
-            err = errors.from_rpc(raised)
-            # Poll has no other NOT_FOUND: from a coordinator that does not name UnknownNode yet, it means that.
-            if isinstance(err, NotFound):
-                raise UnknownNode(str(err)) from None
-            raise
 
     # --- job offers -----------------------------------------------------------
     def _on_offer(self, offer: pb.JobOffer) -> None:

@@ -294,3 +294,29 @@ def test_fedadam_state_survives_a_checkpoint(tmp_path):
     # Without the moments the step differs: the state is what makes the resume exact.
     fresh = step(build_strategy(spec), 3, numpy_to_arrays(weights), updates[2])
     assert not np.array_equal(arrays_to_numpy(fresh)["w"], arrays_to_numpy(final)["w"])
+
+
+class _Aborted(grpc.RpcError):
+    """What a grpc client raises for an aborted call: a status code, details, trailing metadata."""
+
+    def __init__(self, code, name):
+        self._code, self._name = code, name
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return "details"
+
+    def trailing_metadata(self):
+        return (("fedtrain-error", self._name),)
+
+
+def test_a_peer_cannot_name_an_error_class_that_its_status_code_does_not_mean():
+    from fedtrain.errors import FaultInjected, PermissionDenied, RemoteError
+
+    assert isinstance(from_rpc(_Aborted(grpc.StatusCode.NOT_FOUND, "UnknownNode")), UnknownNode)
+    # A fault point (INTERNAL) named on a PERMISSION_DENIED is taken for what the code means.
+    taken = from_rpc(_Aborted(grpc.StatusCode.PERMISSION_DENIED, "FaultInjected"))
+    assert isinstance(taken, PermissionDenied) and not isinstance(taken, FaultInjected)
+    assert isinstance(from_rpc(_Aborted(grpc.StatusCode.DATA_LOSS, "NoSuchClass")), RemoteError)

@@ -13,7 +13,6 @@ bound above the claimed ε means the training is not as private as it says: a bu
 from __future__ import annotations
 
 import dataclasses
-import logging
 import secrets
 import time
 import uuid
@@ -173,13 +172,7 @@ def run_audit(spec: JobSpec, table: Path, *, nodes: int = 3, canaries: int, gues
     def keep(server_round: int, weights: dict[str, np.ndarray], given_up: str) -> None:
         final.update(weights)
 
-    flower = logging.getLogger("flwr")  # a line per round and node on stderr: the result says it all
-    level = flower.level
-    flower.setLevel(logging.ERROR)
-    try:
-        run_rounds(build_strategy(spec), grid, spec, initial_state(spec), 1, keep)
-    finally:
-        flower.setLevel(level)
+    run_rounds(build_strategy(spec), grid, spec, initial_state(spec), 1, keep)
 
     if white_box:
         weight = _weight_key(spec, final)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,9 @@ def audit_command(
     from fedtrain.audit import run_audit
     from fedtrain.spec import load_job_spec
 
+    # Flower logs a line per round and node; this command's result says it all. (Here, not in
+    # run_audit: a coordinator that audits its jobs keeps its other jobs' Flower log.)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
     spec = load_job_spec(spec_path)
     if as_json:
         result = run_audit(spec, data, nodes=nodes, canaries=canaries, guesses=guesses, white_box=not black_box,
