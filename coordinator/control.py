@@ -138,13 +138,12 @@ class Coordinator:
         if not self.audit_canaries or spec.evaluation is None:
             return None
         from fedtrain.audit import run_audit
-        from fedtrain.audit.canaries import directions
+        from fedtrain.audit.canaries import capacity
 
         try:
-            canaries = min(self.audit_canaries, len(directions(spec)))
-            result = run_audit(spec, self.evaluation_path(spec), nodes=max(spec.min_nodes, 2), canaries=canaries,
-                               white_box=spec.model.kind == "logistic")
-        except FedtrainError as err:  # e.g. a transformer job: the report shows no audit
+            canaries = min(self.audit_canaries, capacity(spec))
+            result = run_audit(spec, self.evaluation_path(spec), nodes=max(spec.min_nodes, 2), canaries=canaries)
+        except FedtrainError as err:  # e.g. a causal-lm job: the report shows no audit
             log.info("job %s is not audited: %s", spec.name, err)
             return None
         except Exception:  # a failed audit costs the audit, not the report

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedtrain.audit import run_audit
-from fedtrain.audit.canaries import directions
+from fedtrain.audit.canaries import canary_table, capacity
 from fedtrain.audit.reference import digits_job
 from fedtrain.audit.run import default_guesses
 from fedtrain.errors import SpecError, WireError
@@ -57,6 +57,41 @@ def test_a_node_that_forgets_the_clipping_norm_in_its_noise_is_caught(digits, mo
     assert result.verdict == "VIOLATION", result
 
 
+def test_a_node_whose_noise_repeats_from_a_fixed_seed_is_caught(digits, monkeypatch):
+    """A planted bug this project has had: noise seeded from a public value (here the node's
+    seeds are a constant), so that whoever knows it can draw the same noise and subtract it."""
+    from types import SimpleNamespace
+
+    from fedtrain.node import dp_sgd
+
+    spec, path = digits(LEAKY_CLAIM)
+    monkeypatch.setattr(dp_sgd, "secrets", SimpleNamespace(randbits=lambda bits: 1234))
+    result = run_audit(spec, path, canaries=CANARIES, seed=5)
+    assert result.verdict == "VIOLATION", result
+
+
+def test_a_node_that_skips_clipping_for_one_layer_is_caught(tmp_path, monkeypatch):
+    """A planted bug in the node's training: the first layer's per-example gradients are
+    summed unclipped (the other layers and the noise are as honest). The job clips at C = 1,
+    so a canary's unclipped gradient (≈ 141) is far past what the noise was sized for."""
+    from opacus.optimizers.optimizer import DPOptimizer
+
+    honest = DPOptimizer.clip_and_accumulate
+
+    def clip_all_but_the_first_layer(self):
+        first = self.params[0]
+        unclipped = self._get_flat_grad_sample(first).sum(0) if len(self.grad_samples[0]) else None
+        honest(self)
+        if unclipped is not None:
+            first.summed_grad = unclipped.to(first.dtype)
+
+    spec, path = digits_job(tmp_path, LEAKY_CLAIM, max_grad_norm=1.0)
+    assert run_audit(spec, path, canaries=CANARIES, seed=6).verdict == "consistent"  # the same job, honest
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", clip_all_but_the_first_layer)
+    result = run_audit(spec, path, canaries=CANARIES, seed=6)
+    assert result.verdict == "VIOLATION", result
+
+
 def test_the_cli_prints_one_json_object_writes_audit_json_and_exits_1_on_a_violation(digits, tmp_path, monkeypatch):
     from fedtrain.audit import run as audit_run
     from fedtrain.cli.main import app
@@ -76,18 +111,31 @@ def test_the_cli_prints_one_json_object_writes_audit_json_and_exits_1_on_a_viola
     assert json.loads((tmp_path / "out" / "audit.json").read_text()) == printed
 
 
-def test_canary_directions_are_distinct_and_too_many_are_refused(digits):
+def test_canaries_are_rows_with_distinct_gradients_and_too_many_are_refused(digits):
+    import numpy as np
+
     spec, path = digits(1.0)
-    pairs = [(c.feature, c.label) for c in directions(spec)]
-    assert len(pairs) == len(set(pairs)) == 640
+    rows = canary_table(spec, capacity(spec), np.random.default_rng(0))
+    assert capacity(spec) == 64 * 9 and rows.num_rows == 576  # 9 of 10 labels per pixel: 10 would be dependent
+    x = np.column_stack([rows.column(f).to_numpy() for f in spec.data.features])
+    far = (x - np.asarray(spec.data.scaling.mean)) / np.asarray(spec.data.scaling.std)
+    assert np.allclose(np.sort(far, axis=1)[:, -1], 100.0) and np.allclose(np.sort(far, axis=1)[:, :-1], 0.0)
+    pairs = {(int(np.argmax(f)), y) for f, y in zip(far, rows.column("digit").to_pylist())}
+    assert len(pairs) == 576
     binary = make_spec()  # 2 classes: one canary per feature, labels alternating
-    assert [(c.feature, c.label) for c in directions(binary)][:3] == [(0, 0), (1, 1), (2, 0)]
-    assert len(directions(binary)) == len(binary.data.features)
-    with pytest.raises(SpecError, match="distinct canary directions"):
-        run_audit(spec, path, canaries=641)
-    with pytest.raises(SpecError, match="black-box"):
-        run_audit(make_spec(model={"kind": "mlp", "hidden": [8]}), path, canaries=10)
+    assert canary_table(binary, 3, np.random.default_rng(0)).column("malignant").to_pylist() == [0, 1, 0]
+    assert capacity(binary) == len(binary.data.features)
+    with pytest.raises(SpecError, match="distinct gradients"):
+        run_audit(spec, path, canaries=577)
     assert [default_guesses(m) for m in (5, 11, 30, 200, 201)] == [4, 10, 14, 100, 100]
+
+
+def test_an_mlp_is_audited_white_box_and_black_box(digits):
+    spec, path = digits(LEAKY_CLAIM)
+    mlp = spec.model_copy(update={"model": spec.model.model_copy(update={"kind": "mlp", "hidden": [16]})})
+    found = run_audit(mlp, path, canaries=CANARIES, seed=7, disable_noise=True)
+    assert found.verdict == "VIOLATION", found
+    assert run_audit(mlp, path, canaries=CANARIES, seed=7, white_box=False).score == "black-box"
 
 
 def test_a_round_without_noise_cannot_leave_a_real_node_or_pass_the_coordinator():
@@ -130,3 +178,17 @@ def test_a_coordinator_that_audits_puts_the_bound_beside_the_claim_in_the_report
     assert json.loads((page.parent / "report.json").read_text())["audit"] == audit
     html = page.read_text()
     assert "ε lower bound (one-run audit)" in html and f"{audit['epsilon_lower_bound']:.3f}" in html
+
+
+def test_a_lora_job_is_audited_through_its_text_rows(tmp_path):
+    """MiniLM + LoRA: canaries are random-word texts read by the node's own tokenizing loader,
+    scored by a ridge fit of their gradients (mostly the same classification-head direction
+    for every text) to node 0's update. Without noise every guess is right; with DP at ε = 8
+    the bound stays below the claim."""
+    from fedtrain.audit.reference import tweets_job
+
+    spec, path = tweets_job(tmp_path, LEAKY_CLAIM, rows=60)
+    leaky = run_audit(spec, path, canaries=40, seed=8, disable_noise=True)
+    assert leaky.correct_guesses == leaky.guesses == 20 and leaky.verdict == "VIOLATION", leaky
+    spec, path = tweets_job(tmp_path, 8.0, rows=60)
+    assert run_audit(spec, path, canaries=40, seed=9).verdict == "consistent"

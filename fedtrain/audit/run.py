@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
+import pyarrow as pa
 from flwr.app import Message, MetricRecord, RecordDict
 from pydantic import BaseModel
 from torch.utils.data import TensorDataset
 
 from fedtrain.audit import canaries as canary_lib
+from fedtrain.data import DataCheck, read_arrow, write_arrow
 from fedtrain.errors import SpecError
 from fedtrain.node.round import PrivateRound
 from fedtrain.privacy.accounting import RoundPlan
@@ -67,23 +69,27 @@ class _AuditGrid:
     """The nodes of the audit as a Flower grid: each message is answered at once by that
     node's ``PrivateRound``, with the reply a node agent sends (its update and public metrics).
 
-    For the white-box score it keeps, each round, the start and node 0's update, and a
-    reference: node 0's round run again from the same start on its real rows alone, without
-    noise. The difference is the canaries' pull plus the noise; the real data's pull on each
-    canary's column, which would drown the canaries, cancels. The reference depends on no
-    canary bit, so subtracting it is post-processing and the bound stays valid (and a node
-    whose noise repeats from a fixed seed would show its canaries bare)."""
+    For the white-box score it keeps, each round, node 0's update and two references: node 0's
+    round run again from the same start on its real rows alone, once without noise and once
+    with it, as the node would run it. Update minus the noise-free reference is the canaries'
+    pull plus the noise: the real data's pull on each canary's column, which would drown the
+    canaries, cancels. The noisy reference minus the noise-free one is a fresh draw of the
+    node's noise: an honest node's noise is independent of it, but a node whose noise repeats
+    (a fixed seed) gives the same draw again, and the score subtracts what of it the update
+    holds (see ``canaries.white_box_scores``). Neither reference depends on a canary bit, so
+    using them is post-processing and the bound stays valid."""
 
     def __init__(self, spec: JobSpec, datasets: list[TensorDataset], real0: TensorDataset, declared: list[int],
                  disable_noise: bool):
         self.spec = spec
         self.datasets = datasets
         self.real0 = real0
-        self.rounds: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        self.rounds: list[canary_lib.Observed] = []
         self.private = [PrivateRound(spec, n) for n in declared]
         if disable_noise:  # test-only: the plan is the spec's but with σ = 0 (no DP at all)
             for p in self.private:
                 p.plan = _noiseless(p.plan)
+        self.noisy_reference = PrivateRound(spec, declared[0])
         self.reference = PrivateRound(spec, declared[0])
         self.reference.plan = _noiseless(self.reference.plan)
 
@@ -98,7 +104,10 @@ class _AuditGrid:
             private = self.private[i]
             update = private.train(self.datasets[i], start)
             if i == 0:
-                self.rounds.append((start, update.arrays, self.reference.train(self.real0, start).arrays))
+                self.rounds.append(canary_lib.Observed(
+                    start=start, update=update.arrays, reference=self.reference.train(self.real0, start).arrays,
+                    noisy_reference=self.noisy_reference.train(self.real0, start).arrays,
+                    noise_multiplier=private.plan.noise_multiplier))
             content = RecordDict({"arrays": numpy_to_arrays(update.arrays),
                                   "metrics": MetricRecord(private.metrics(num_examples=True))})
             replies.append(Message(content, reply_to=with_message_id(msg, uuid.uuid4().hex)))
@@ -120,11 +129,6 @@ def _play_the_server() -> None:
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def _weight_key(spec: JobSpec, state: dict[str, np.ndarray]) -> str:
-    shape = (spec.model.num_classes, len(spec.data.features))
-    return next(k for k, v in state.items() if k.endswith("weight") and v.shape == shape)
-
-
 def run_audit(spec: JobSpec, table: Path, *, nodes: int = 3, canaries: int, guesses: int | None = None,
               white_box: bool = True, seed: int | None = None, disable_noise: bool = False) -> AuditResult:
     """Train ``spec`` once on ``table`` split over ``nodes`` nodes, node 0 holding a random half
@@ -140,33 +144,38 @@ def run_audit(spec: JobSpec, table: Path, *, nodes: int = 3, canaries: int, gues
     from fedtrain.server.strategy import build_strategy
 
     started = time.monotonic()
-    if spec.model.kind == "transformer":
-        raise SpecError("the audit crafts canaries for tabular models; a transformer job is not supported yet")
-    if white_box and spec.model.kind != "logistic":
-        raise SpecError("white-box canaries need a logistic model (their gradient is one column of W);"
-                        " audit an mlp with --black-box")
     if nodes < max(1, spec.min_nodes):
         raise SpecError(f"the job needs min_nodes={spec.min_nodes} per round; audit with at least that many nodes")
-    chosen = canary_lib.make_canaries(spec, canaries)
     r = default_guesses(canaries) if guesses is None else guesses
     if not (0 < r <= canaries and r % 2 == 0):
         raise SpecError(f"guesses must be even and in 2..{canaries}, not {r}")
     rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    candidates = canary_lib.canary_table(spec, canaries, rng)
     inside = rng.random(canaries) < 0.5
 
-    data = load_dataset(table, spec)
-    features, labels = data.tensors
-    parts = np.array_split(rng.permutation(len(labels)), nodes)
-    cx, cy = canary_lib.canary_rows(spec, [c for c, b in zip(chosen, inside) if b])
-    datasets = [TensorDataset(features[p], labels[p]) for p in parts]
-    datasets[0] = TensorDataset(torch.cat([features[parts[0]], cx]), torch.cat([labels[parts[0]], cy]))
+    # Each node reads its own rows from its own file with the node's loader, as a node does,
+    # so that what a node's preprocessing does with its rows (and a canary among them) is
+    # audited too; node 0's real rows alone, read the same way, are the references' data.
+    rows = read_arrow(Path(table)).select(candidates.column_names).cast(candidates.schema)
+    parts = np.array_split(rng.permutation(len(rows)), nodes)
+    with tempfile.TemporaryDirectory(prefix="fedtrain-audit-") as tmp:
+        def node_data(name: str, part: pa.Table) -> TensorDataset:
+            path = Path(tmp) / f"{name}.csv"
+            write_arrow(part, path)
+            return load_dataset(path, spec, DataCheck())
+
+        datasets = [node_data(f"node{i}", rows.take(p)) for i, p in enumerate(parts)]
+        real0 = datasets[0]
+        datasets[0] = node_data("node0-canaries", pa.concat_tables([rows.take(parts[0]),
+                                                                     candidates.filter(pa.array(inside))]))
+        canary_data = node_data("canaries", candidates)
     # Node 0 declares its rows plus half the canaries: a declared size (the policy's) must not
     # depend on which canaries are in, or the plan itself would tell their count.
     declared = [len(p) for p in parts]
     declared[0] += canaries // 2
 
     _play_the_server()
-    grid = _AuditGrid(spec, datasets, TensorDataset(features[parts[0]], labels[parts[0]]), declared, disable_noise)
+    grid = _AuditGrid(spec, datasets, real0, declared, disable_noise)
     final: dict[str, np.ndarray] = {}
 
     def keep(server_round: int, weights: dict[str, np.ndarray], given_up: str) -> None:
@@ -175,14 +184,11 @@ def run_audit(spec: JobSpec, table: Path, *, nodes: int = 3, canaries: int, gues
     run_rounds(build_strategy(spec), grid, spec, initial_state(spec), 1, keep)
 
     if white_box:
-        weight = _weight_key(spec, final)
-        scores = np.zeros(canaries)
-        for start, update, reference in grid.rounds:
-            scores += canary_lib.white_box_scores(chosen, update, reference, weight)
+        scores = sum(canary_lib.white_box_scores(spec, observed, canary_data) for observed in grid.rounds)
     else:
         model = build_model(spec)
         load_trainable_state(model, final)
-        scores = canary_lib.black_box_scores(model, spec, chosen)
+        scores = canary_lib.black_box_scores(model, spec, canary_data)
 
     # Guess "in" for the r/2 highest scores, "out" for the r/2 lowest; ties broken at random.
     order = np.lexsort((rng.random(canaries), scores))

@@ -71,12 +71,11 @@ def simulate_command(
     audited = None
     if audit:
         from fedtrain.audit import run_audit
-        from fedtrain.audit.canaries import directions
+        from fedtrain.audit.canaries import capacity
         from fedtrain.cli.audit import show
 
         with console.status(f"{spec.name}: auditing on {nodes} nodes"):
-            audited = run_audit(spec, data, nodes=nodes, canaries=min(200, len(directions(spec))),
-                                white_box=spec.model.kind == "logistic")
+            audited = run_audit(spec, data, nodes=nodes, canaries=min(200, capacity(spec)))
         show(audited)
     if out is not None:
         summary = json.loads(result.to_json()) | {"audit": audited.model_dump() if audited else None}
