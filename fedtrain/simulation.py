@@ -79,7 +79,7 @@ def write_partitions(data: Path, spec: JobSpec, num_nodes: int, out: Path, schem
     """Cut ``data`` into ``num_nodes`` files in ``out`` (``0.csv``, ``1.csv``, ...), in its own format;
     returns their sizes."""
     table = read_arrow(data)
-    label = spec.data.label
+    label = spec.data.label if spec.num_classes is not None else None  # generative jobs have none
     if scheme == "dirichlet" and label is None:
         raise SpecError("a Dirichlet partition spreads each label over the nodes; this job's data has no label")
     if label is not None and label not in table.column_names:

@@ -140,17 +140,49 @@ class TextDataSpec(_Strict):
         return self
 
 
+class InstructionDataSpec(_Strict):
+    """Prompt/response pairs for instruction tuning (supervised fine-tuning of a causal LM).
+
+    The node renders each pair with the tokenizer's chat template; only the response's
+    tokens count in the loss. ``system`` is a public system prompt put before every prompt.
+    ``answers`` is the closed set of responses (e.g. ["negative", "positive"]) when there is
+    one: evaluation then also greedy-generates an answer and scores it as right or wrong.
+    """
+
+    prompt: Annotated[str, Field(min_length=1)]
+    response: Annotated[str, Field(min_length=1)]
+    system: Annotated[str, Field(max_length=4096)] | None = None
+    answers: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> InstructionDataSpec:
+        if self.prompt == self.response:
+            raise ValueError(f"column {self.prompt!r} cannot be both the prompt and the response")
+        if self.answers is not None and (len(self.answers) < 2 or len(set(self.answers)) != len(self.answers)):
+            raise ValueError("answers must list at least two distinct responses")
+        return self
+
+
 def _data_kind(v: Any) -> str:
     if isinstance(v, dict):
-        return "text" if "text" in v else "table"
-    return "text" if isinstance(v, TextDataSpec) else "table"
+        return "instruction" if "prompt" in v else "text" if "text" in v else "table"
+    return {InstructionDataSpec: "instruction", TextDataSpec: "text"}.get(type(v), "table")
 
 
 TASK_KINDS = {
     "tabular-classification": ("logistic", "mlp"),
     "text-classification": ("transformer",),
     "causal-lm": ("transformer",),
+    "instruction-tuning": ("transformer",),
 }
+# What each task reads in data: the data spec's class and how a spec writes it.
+TASK_DATA = {
+    "tabular-classification": ("table", "features: [...] and label: COLUMN"),
+    "text-classification": ("text", "text: COLUMN, label: COLUMN and classes: [...]"),
+    "causal-lm": ("text", "text: COLUMN"),
+    "instruction-tuning": ("instruction", "prompt: COLUMN and response: COLUMN"),
+}
+Task = Literal["tabular-classification", "text-classification", "causal-lm", "instruction-tuning"]
 
 
 class TrainingSpec(_Strict):
@@ -228,11 +260,12 @@ class EvaluationSpec(_Strict):
 
 class JobSpec(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
-    task: Literal["tabular-classification", "text-classification", "causal-lm"] = "tabular-classification"
+    task: Task = "tabular-classification"
     model: Annotated[ModelSpec | TransformerSpec, Field(discriminator="kind")] = ModelSpec()
     adapter: LoraSpec | None = None
     data: Annotated[
-        Annotated[DataSpec, Tag("table")] | Annotated[TextDataSpec, Tag("text")], Discriminator(_data_kind)
+        Annotated[DataSpec, Tag("table")] | Annotated[TextDataSpec, Tag("text")]
+        | Annotated[InstructionDataSpec, Tag("instruction")], Discriminator(_data_kind)
     ]
     training: TrainingSpec
     privacy: PrivacySpec
@@ -265,12 +298,10 @@ class JobSpec(_Strict):
         kinds = TASK_KINDS[self.task]
         if self.model.kind not in kinds:
             raise ValueError(f"task {self.task} needs model kind {' or '.join(kinds)}, not {self.model.kind!r}")
-        text = isinstance(self.data, TextDataSpec)
-        if text != (self.task != "tabular-classification"):
-            want = "text: COLUMN" if not text else "features: [...] and label: COLUMN"
-            raise ValueError(f"task {self.task} reads {want} in data")
-        if text and (self.data.label is not None) != (self.task == "text-classification"):
-            raise ValueError("text-classification needs data.label and data.classes; causal-lm takes neither")
+        kind, wanted = TASK_DATA[self.task]
+        labelled = isinstance(self.data, TextDataSpec) and self.data.label is not None
+        if _data_kind(self.data) != kind or (kind == "text" and labelled != (self.task == "text-classification")):
+            raise ValueError(f"task {self.task} reads {wanted} in data")
         if (self.adapter is None) == (self.model.kind == "transformer"):
             raise ValueError(
                 "a transformer is fine-tuned through an adapter: add adapter: {r: 8, target_modules: [...]}"
@@ -314,10 +345,15 @@ class JobSpec(_Strict):
 
     @property
     def num_classes(self) -> int | None:
-        """Output classes of a classification task (None for causal-lm)."""
-        if isinstance(self.data, TextDataSpec):
-            return len(self.data.classes) if self.data.classes else None
-        return self.model.num_classes
+        """Output classes of a classification task (None for a generative one)."""
+        if isinstance(self.data, DataSpec):
+            return self.model.num_classes
+        return len(self.data.classes) if self.task == "text-classification" else None
+
+    @property
+    def generative(self) -> bool:
+        """A causal LM that trains on next-token loss (causal-lm, instruction-tuning)."""
+        return self.task in ("causal-lm", "instruction-tuning")
 
     def canonical_json(self) -> str:
         """Stable JSON: the same spec always gives the same bytes, hence the same hash."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from fedtrain.errors import FedtrainError
 from fedtrain.policy import Decision, NodePolicy
 from fedtrain.protocol.refusal import Reason, Refusal, parse_refusal
-from fedtrain.spec import JobSpec, TextDataSpec, job_spec_from_json
+from fedtrain.spec import DataSpec, JobSpec, job_spec_from_json
 from nodes.jobs import JobRecord
 
 if TYPE_CHECKING:  # the ledger loads Opacus, which a node registers without (see NodeAgent.run)
@@ -106,11 +106,11 @@ def review(spec: JobSpec, policy: NodePolicy, ledger: PrivacyLedger) -> list[Pro
     steps = spec.training.local_epochs * batches_per_epoch(policy.dataset_size, spec.training.batch_size)
     _limit(problems, "", steps, "max_steps_per_round", min(policy.max_steps_per_round,
                                                               spec.training.max_steps_per_round))
-    if isinstance(spec.data, TextDataSpec):
-        _limit(problems, "", len(spec.data.classes or ()), "max_classes", policy.max_classes)
-        _limit(problems, "model.max_length", spec.model.max_length, "max_length", policy.max_length)
-    else:
+    if isinstance(spec.data, DataSpec):
         _limit(problems, "model.num_classes", spec.model.num_classes, "max_classes", policy.max_classes)
+    else:
+        _limit(problems, "", spec.num_classes or 0, "max_classes", policy.max_classes)
+        _limit(problems, "model.max_length", spec.model.max_length, "max_length", policy.max_length)
     if problems:  # the cheap rules first: a refused job loads no model
         return problems
     if spec.model.kind == "transformer":

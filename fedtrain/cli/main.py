@@ -2,7 +2,7 @@
 
 `coordinator` and `node` command groups come from the services installed next to
 the library (entry point group ``fedtrain.commands``); the library itself holds the
-operator's `job` and `certs` commands, `simulate`, `audit` and the `demo`.
+operator's `job`, `certs` and `model` commands, `simulate`, `audit` and the `demo`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from fedtrain.cli import audit, certs, jobs, simulate
+from fedtrain.cli import audit, certs, jobs, models, simulate
 from fedtrain.console import console
 from fedtrain.errors import FedtrainError
 
@@ -20,8 +20,10 @@ app = typer.Typer(help="fedtrain: federated training with DP-SGD on data that ne
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(jobs.app, name="job")
 app.add_typer(certs.app, name="certs")
+app.add_typer(models.app, name="model")
 app.command("simulate")(simulate.simulate_command)
 app.command("audit")(audit.audit_command)
+app.command("generate")(models.generate_command)
 
 
 @app.command("demo")

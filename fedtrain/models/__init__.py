@@ -4,7 +4,8 @@ Every node and the coordinator build the same architecture from the same spec.
 Only the *trainable* tensors travel: all parameters of a tabular model, the
 adapter (and task head) of a transformer; a frozen base never leaves its disk.
 Datasets are ``TensorDataset``s whose last tensor is the label (classification)
-or whose tensors are (input_ids, attention_mask) (causal-lm).
+or whose tensors are (input_ids, attention_mask) (causal-lm), with a response mask
+for instruction tuning.
 """
 
 from __future__ import annotations
@@ -104,40 +105,67 @@ def forward(spec: JobSpec, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -
     return model(*inputs)
 
 
-def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token loss, averaged over each text's own tokens, then over texts.
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token loss over the tokens ``target_mask`` marks (a text's own tokens; for
+    instruction tuning, the response's alone), averaged over each text, then over texts.
 
     Per-text averaging keeps each example's term a function of that example only,
     which is what per-example clipping assumes (a batch-wide token mean would not).
     """
-    target, mask = input_ids[:, 1:], attention_mask[:, 1:].to(logits.dtype)
+    target, mask = input_ids[:, 1:], target_mask[:, 1:].to(logits.dtype)
     token = nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
     ).view_as(mask)
     return ((token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
+def _generative_loss(spec: JobSpec, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    # causal-lm: (input_ids, attention_mask); instruction-tuning: (..., response_mask).
+    return causal_lm_loss(forward(spec, model, batch[:2]), batch[0], batch[-1])
+
+
 def loss_fn(spec: JobSpec) -> LossFn:
     """The training loss of a batch: the mean of per-example losses (Opacus's 'mean' reduction)."""
-    if spec.task == "causal-lm":
-        return lambda model, batch: causal_lm_loss(forward(spec, model, batch), *batch)
+    if spec.generative:
+        return functools.partial(_generative_loss, spec)
     return lambda model, batch: nn.functional.cross_entropy(forward(spec, model, batch[:-1]), batch[-1])
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: TensorDataset, spec: JobSpec, batch_size: int = 64) -> dict[str, float]:
-    """accuracy and loss (classification), or loss and perplexity (causal-lm)."""
+    """accuracy and loss (classification), or loss and perplexity (generative: over the
+    responses' tokens for instruction tuning, with the accuracy of greedy answers when the
+    job names its closed set of answers)."""
     model.eval()
     loss, correct, n = 0.0, 0, 0
     for batch in DataLoader(dataset, batch_size=batch_size):
         size = len(batch[0])
-        if spec.task == "causal-lm":
-            loss += float(causal_lm_loss(forward(spec, model, batch), *batch)) * size
+        if spec.generative:
+            loss += float(_generative_loss(spec, model, batch)) * size
         else:
             logits = forward(spec, model, batch[:-1])
             loss += float(nn.functional.cross_entropy(logits, batch[-1], reduction="sum"))
             correct += int((logits.argmax(dim=1) == batch[-1]).sum())
         n += size
-    if spec.task == "causal-lm":
-        return {"loss": loss / n, "perplexity": float(np.exp(loss / n))}
+    if spec.generative:
+        metrics = {"loss": loss / n, "perplexity": float(np.exp(loss / n))}
+        if spec.task == "instruction-tuning" and spec.data.answers:
+            metrics["accuracy"] = float(np.mean([answered(model, *row) for row in zip(*dataset.tensors)]))
+        return metrics
     return {"accuracy": correct / n, "loss": loss / n}
+
+
+@torch.no_grad()
+def answered(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             response_mask: torch.Tensor) -> bool:
+    """Whether greedy generation from a pair's prompt gives exactly its response's tokens
+    (the end-of-turn token included, so that "positive" is not "positively")."""
+    response = input_ids[response_mask.bool()]
+    if not len(response):
+        return False
+    start = int(response_mask.nonzero()[0])
+    prompt = input_ids[:start].unsqueeze(0)
+    eos = model.generation_config.eos_token_id
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(response),
+                         do_sample=False, pad_token_id=eos[0] if isinstance(eos, list) else eos)
+    return torch.equal(out[0, start:start + len(response)], response)

