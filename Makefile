@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
 TEXT_OUT ?= out/demo-text
+LLM_OUT ?= out/demo-llm
 
-.PHONY: install demo demo-text test bench proto clean
+.PHONY: install demo demo-text demo-llm test bench proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +27,9 @@ demo: $(STAMP)
 
 demo-text: $(STAMP)
 	$(BIN)/fedtrain demo --text --out $(TEXT_OUT)
+
+demo-llm: $(STAMP)
+	$(BIN)/fedtrain demo --llm --out $(LLM_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15

@@ -10,6 +10,12 @@ LoRA on the shipped MiniLM (text classification):
 - Bytes on the wire for one round's update / adapter bytes.
 - Held-out accuracy of the federated DP job (the text demo, ε = 8) / centralized non-private LoRA.
 
+SmolLM2-135M-Instruct with DP-LoRA, instruction tuning (bench/llm.py; out/bench/llm.json):
+- DP step time / plain step time, per-example hooks and ghost clipping;
+- a node's peak RSS / base weight bytes, logical batch 256 in physical batches of 8 and of 32;
+- bytes on the wire per round / adapter bytes;
+- the LLM demo's generation accuracy, federated DP (ε = 8) / centralized non-private LoRA.
+
 Secure aggregation (SecAgg+), 1M-parameter update, n = 5, 10, 25, 50 nodes, 0% and 10% dropout:
 - round time with SecAgg+ / plain round time (both include the same local DP-SGD training);
 - bytes a node sends per round with SecAgg+ / plain bytes.
@@ -37,10 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +51,11 @@ import torch
 from rich.table import Table
 from torch.utils.data import TensorDataset
 
+from bench.measure import node_round_rss, step_times, wire_bytes
 from fedtrain.console import console
-from fedtrain.models import build_model, load_dataset, loss_fn, trainable_state
+from fedtrain.models import build_model, load_dataset, trainable_state
 from fedtrain.models.transformer import resolve_base, weight_files
-from fedtrain.privacy.accounting import RoundPlan
-from fedtrain.node.dp_sgd import expected_batch_size, train_private
-from fedtrain.protocol import fedtrain_pb2 as pb
-from fedtrain.protocol.codec import encode_arrays, encode_values
 from fedtrain.spec import JobSpec, parse_job_spec
-from fedtrain.node.training import train_plain
 
 
 def spec_for(width: int, hidden: list[int]) -> JobSpec:
@@ -66,32 +65,6 @@ def spec_for(width: int, hidden: list[int]) -> JobSpec:
         "training": {"rounds": 1, "batch_size": 64, "learning_rate": 0.1},
         "privacy": {"epsilon": 3.0},
     })
-
-
-def step_times(spec: JobSpec, data: TensorDataset, repeats: int) -> tuple[float, float]:
-    steps = max(1, len(data) // spec.training.batch_size)
-    plan = RoundPlan(noise_multiplier=1.0, sample_rate=1 / steps, steps=steps)
-    best_plain, best_dp = float("inf"), float("inf")
-    for _ in range(repeats):  # interleaved, best of N: both see the same machine state
-        model = build_model(spec)
-        t = time.perf_counter()
-        train_plain(model, data, spec.training, 1, loss_fn(spec))
-        best_plain = min(best_plain, (time.perf_counter() - t) / steps)
-        model = build_model(spec)
-        t = time.perf_counter()
-        train_private(model, data, spec, plan, expected_batch_size(plan, len(data)))
-        best_dp = min(best_dp, (time.perf_counter() - t) / steps)
-    return best_plain, best_dp
-
-
-def wire_bytes(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
-    """(bytes of one round's result stream, raw bytes of its tensors)."""
-    raw = sum(a.nbytes for a in arrays.values())
-    header = pb.ResultHeader(node_id=1, task_id="0" * 32, metrics=encode_values(
-        {"num-examples": 1000, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
-         "epsilon": 1.0, "delta": 1e-5}))
-    parts = [pb.ResultPart(header=header)] + [pb.ResultPart(tensor=c) for c in encode_arrays(arrays)]
-    return sum(p.ByteSize() for p in parts), raw
 
 
 def tabular() -> None:
@@ -112,21 +85,6 @@ def tabular() -> None:
     console.print(table)
 
 
-# One DP round as a node process runs it, in a fresh interpreter, reporting its own peak RSS.
-_NODE_ROUND = """
-import json, resource, sys
-from fedtrain.models import build_model, load_dataset
-from fedtrain.privacy.accounting import plan_round
-from fedtrain.node.dp_sgd import expected_batch_size, train_private
-from fedtrain.spec import job_spec_from_json
-spec = job_spec_from_json(open(sys.argv[1]).read())
-data = load_dataset(sys.argv[2], spec)
-plan = plan_round(spec, len(data))
-train_private(build_model(spec), data, spec, plan, expected_batch_size(plan, len(data)))
-print(json.dumps({"max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
-"""
-
-
 def lora(with_demo: bool) -> None:
     from fedtrain.demos.text import run_text_demo, text_spec, write_text_shards
 
@@ -139,10 +97,7 @@ def lora(with_demo: bool) -> None:
         data = load_dataset(shards[0], spec)
         torch.manual_seed(0)
         plain, dp = step_times(spec, data, repeats=2)
-        (tmp / "job.json").write_text(spec.canonical_json())
-        proc = subprocess.run([sys.executable, "-c", _NODE_ROUND, str(tmp / "job.json"), str(shards[0])],
-                              capture_output=True, text=True, check=True)
-        rss = json.loads(proc.stdout.strip().splitlines()[-1])["max_rss_kib"] * 1024
+        rss = node_round_rss(spec, shards[0], tmp)
         model_bytes = sum(f.stat().st_size for f in weight_files(resolve_base(spec.model.base)))
         adapter = trainable_state(build_model(spec))
         wire, raw = wire_bytes(adapter)
@@ -163,6 +118,36 @@ def lora(with_demo: bool) -> None:
                       f"{fed:.3f} / {report['centralized']['accuracy']:.3f} (untuned {report['untuned']['accuracy']:.3f})",
                       f"{report['accuracy_ratio']:.3f}", "")
     console.print(table)
+
+
+def llm(with_demo: bool) -> None:
+    from bench.llm import run
+
+    result = run(with_demo=with_demo)
+    path = Path("out/bench/llm.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    table = Table(title=f"{result['model']} + DP-LoRA (instruction tuning, {result['tokens_per_pair']:.0f} tokens"
+                        f" per pair on average), {result['device']}")
+    for col in ("measure", "value", "ratio"):
+        table.add_column(col)
+    for r in result["step_time"]:
+        table.add_row(f"DP / plain step time, batch {r['batch']}, {r['grad_sample_mode']}",
+                      f"{r['dp_s']:.2f} / {r['plain_s']:.2f} s", f"{r['ratio']:.2f}x")
+    for r in result["memory"]:
+        table.add_row(f"node peak RSS / base weights, logical {r['logical_batch']}, physical {r['physical_batch']}",
+                      f"{r['peak_rss_bytes'] / 2**20:.0f} / {result['base_bytes'] / 2**20:.0f} MiB",
+                      f"{r['ratio_to_base']:.2f}x")
+    wire = result["wire"]
+    table.add_row("wire bytes per round / adapter bytes", f"{wire['bytes']:,} / {wire['adapter_bytes']:,}",
+                  f"{wire['ratio']:.4f}")
+    if "demo" in result:
+        d = result["demo"]
+        table.add_row("generation accuracy: federated DP (ε=8) / centralized no DP",
+                      f"{d['federated_dp_accuracy']:.3f} / {d['centralized_accuracy']:.3f}"
+                      f" (zero-shot {d['zero_shot_accuracy']:.3f})", f"{d['ratio']:.3f}")
+    console.print(table)
+    console.print(f"results: {path}")
 
 
 def secure_aggregation() -> None:
@@ -269,13 +254,17 @@ def privacy_audit() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no-demo", action="store_true", help="skip the federated text demo (a few minutes)")
-    parser.add_argument("--only", choices=["tabular", "lora", "secagg", "tls", "simulate", "overhead", "audit"], help="run one group of measurements")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="skip the federated text and LLM demos (a few minutes, and about 10)")
+    parser.add_argument("--only", choices=["tabular", "lora", "llm", "secagg", "tls", "simulate", "overhead", "audit"],
+                        help="run one group of measurements")
     args = parser.parse_args()
     if args.only in (None, "tabular"):
         tabular()
     if args.only in (None, "lora"):
         lora(with_demo=not args.no_demo)
+    if args.only in (None, "llm"):
+        llm(with_demo=not args.no_demo)
     if args.only in (None, "secagg"):
         secure_aggregation()
     if args.only in (None, "tls"):

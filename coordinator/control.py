@@ -174,13 +174,14 @@ class Coordinator:
                             refusal=refusal, bytes_received=nbytes)
         return status
 
-    def write_report(self, job_id: str, state: str, error: str) -> None:
-        """The report of a job that has just ended in ``state``."""
+    def write_report(self, job_id: str, state: str, error: str, examples: list[dict[str, str]]) -> None:
+        """The report of a job that has just ended in ``state``, with its model's ``examples``
+        (see ``JobRunner``)."""
         status = self.job_status(job_id)
         status.state, status.error = state, error
         try:
             audit = self.audit(_stored_spec(status.spec_json))
-            path = write_report(status, private_dir(self.reports / job_id), audit)
+            path = write_report(status, private_dir(self.reports / job_id), audit, examples)
         except Exception:  # a report that cannot be written costs the report, not the job
             log.exception("job %s: cannot write its report", job_id)
             return

@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 from fedtrain.errors import JobCancelled
 from fedtrain.faults import Faults
 from fedtrain.models import build_model, evaluate, load_trainable_state
+from fedtrain.models.transformer import answer_examples
 from fedtrain.server.rounds import run_rounds
 from fedtrain.server.strategy import MinNodes, restore_strategy_state, strategy_state
 from fedtrain.spec import JobSpec
@@ -35,13 +36,15 @@ class JobRunner(threading.Thread):
         self, job_id: str, spec: JobSpec, strategy: MinNodes, jobs: JobStore, registry: Registry,
         mailbox: Mailbox, run_id: int, eval_data: TensorDataset | None,
         initial: dict[str, np.ndarray] | None = None,
-        on_end: Callable[[str, str, str], None] = lambda job_id, state, error: None,
+        on_end: Callable[[str, str, str, list[dict[str, str]]], None] = lambda job_id, state, error, examples: None,
         faults: Faults = Faults(),
     ):
         """``strategy``: ``build_strategy(spec)``, which the coordinator built before storing the job.
         ``initial``: a new job's starting model; None resumes the job from its last checkpoint.
-        ``on_end(job_id, state, error)`` is called when the job has finished or failed, just
-        before that state is stored. ``faults``: where to hold (the tests of crashes)."""
+        ``on_end(job_id, state, error, examples)`` is called when the job has finished or failed,
+        just before that state is stored; ``examples``: for a finished instruction-tuning job
+        with evaluation data, what its model answers to the first evaluation prompts.
+        ``faults``: where to hold (the tests of crashes)."""
         super().__init__(name=f"job-{job_id}", daemon=True)
         self.job_id = job_id
         self.spec = spec
@@ -112,6 +115,12 @@ class JobRunner(threading.Thread):
         except Exception as err:  # the job fails, the coordinator keeps serving
             log.exception("job %s failed", self.job_id)
             state, error = "failed", f"{type(err).__name__}: {err}"
+        examples = []
+        if state == "finished" and self.spec.task == "instruction-tuning" and self._eval_model is not None:
+            try:
+                examples = answer_examples(self._eval_model, self.spec, self.eval_data)
+            except Exception:  # examples that cannot be made cost the examples, not the job
+                log.exception("job %s: cannot generate the report's examples", self.job_id)
         # The report first: whoever sees the job ended finds its report.
-        self.on_end(self.job_id, state, error)
+        self.on_end(self.job_id, state, error, examples)
         self.jobs.set_job_state(self.job_id, state, error)

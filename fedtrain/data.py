@@ -121,6 +121,8 @@ class TextTable:
 class PairTable:
     prompts: list[str]
     responses: list[str]
+    rows: list[int]  # each pair's row in its file (1 = the first after a header), for the owner's log
+    source: str      # the file, for the owner's log
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -239,7 +241,7 @@ def load_pairs(path: str | Path, spec: InstructionDataSpec, check: DataCheck | N
     """Read the prompt and response columns of a local file; without ``check`` the first bad
     row raises, with it bad rows are skipped."""
     columns = _read_columns_or_note(path, [spec.prompt, spec.response], check)
-    prompts, responses = [], []
+    prompts, responses, rows = [], [], []
     for row, (prompt, response) in enumerate(zip(columns[spec.prompt], columns[spec.response]), start=1):
         bad = [c for c, v in ((spec.prompt, prompt), (spec.response, response)) if not isinstance(v, str) or not v.strip()]
         if bad:
@@ -247,6 +249,7 @@ def load_pairs(path: str | Path, spec: InstructionDataSpec, check: DataCheck | N
             continue
         prompts.append(prompt)
         responses.append(response)
+        rows.append(row)
     if not prompts and check is None:
         raise SpecError(f"{path} has no rows")
-    return PairTable(prompts, responses)
+    return PairTable(prompts, responses, rows, str(path))

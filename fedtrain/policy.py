@@ -40,6 +40,9 @@ class NodePolicy(BaseModel):
     max_total_parameters: Annotated[int, Field(ge=1)] = 2_000_000_000
     max_length: Annotated[int, Field(ge=2)] = 2048
     max_classes: Annotated[int, Field(ge=2)] = 1000
+    # Devices jobs may train on here; a job asking for another is refused, and device: auto
+    # picks CUDA only when it is listed (and present).
+    allowed_devices: list[Literal["cpu", "cuda"]] = Field(default=["cpu", "cuda"], min_length=1)
     # When true, a job waits until the owner runs `fedtrain node approve JOB_ID`.
     require_approval: bool = False
     # When true, only jobs whose updates are securely aggregated are accepted.

@@ -193,6 +193,26 @@ class TrainingSpec(_Strict):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # A node's DP plan takes at most this many steps a round: bounds its compute and its update.
     max_steps_per_round: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    # batch_size is the logical (Poisson) batch that privacy is accounted for; a node splits
+    # it into physical batches of at most this many rows (Opacus's BatchMemoryManager), so a
+    # logical batch of thousands fits memory. Changes memory and time, never the result's law.
+    physical_batch_size: Annotated[int, Field(ge=1, le=65_536)] | None = None
+    # How per-example gradient norms are found: hooks (per-example gradients; cheapest for
+    # LoRA on a frozen base) or ghost (Opacus's ghost clipping: norms without materialising
+    # per-example gradients, at the cost of a second backward; cheapest for wide dense layers).
+    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    # Where a node trains: auto takes CUDA when the node has it and its policy allows it.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 runs the forward pass under autocast (CUDA, or CPUs with bf16 support); the
+    # trainable weights, the clipping and the noise stay in float32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _physical_within_logical(self) -> TrainingSpec:
+        if self.physical_batch_size is not None and self.physical_batch_size > self.batch_size:
+            raise ValueError(f"physical_batch_size ({self.physical_batch_size}) is larger than the logical"
+                             f" batch_size ({self.batch_size}); leave it out to train whole batches")
+        return self
 
 
 class PrivacySpec(_Strict):

@@ -82,6 +82,12 @@ def check_base(spec: JobSpec, policy: NodePolicy) -> list[Problem]:
     return []
 
 
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def review(spec: JobSpec, policy: NodePolicy, ledger: PrivacyLedger) -> list[Problem]:
     """Every rule of the policy that ``spec`` breaks; none touches the node's data."""
     from fedtrain.models import parameter_counts
@@ -98,6 +104,14 @@ def review(spec: JobSpec, policy: NodePolicy, ledger: PrivacyLedger) -> list[Pro
         problems.append(Problem(
             Refusal(Reason.DELTA_TOO_LARGE, {"privacy.delta": spec.privacy.delta, "policy.delta": policy.delta}),
             f"job delta {spec.privacy.delta:g} is larger than the policy's delta {policy.delta:g}"))
+    device = spec.training.device
+    if device != "auto" and device not in policy.allowed_devices:
+        problems.append(Problem(Refusal(Reason.DEVICE_NOT_ALLOWED, {"training.device": device}),
+                                f"device {device!r} is not in allowed_devices {policy.allowed_devices}"))
+    elif device == "cuda" and not cuda_present():
+        # Says what hardware the node has, never anything about its data.
+        problems.append(Problem(Refusal(Reason.DEVICE_UNAVAILABLE, {"training.device": device}),
+                                "the job asks for device cuda and this machine has no CUDA device"))
     if policy.require_secure_aggregation and spec.secagg is None:
         problems.append(Problem(Refusal(Reason.SECURE_AGGREGATION_REQUIRED,
                                         {"policy.require_secure_aggregation": True}),

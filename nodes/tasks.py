@@ -24,6 +24,7 @@ from fedtrain.node import approval
 from fedtrain.node.dp_sgd import LocalUpdate
 from fedtrain.node.ledger import LedgerRow, PrivacyLedger
 from fedtrain.node.round import PrivateRound
+from fedtrain.node.training import training_device
 from fedtrain.policy import Decision, NodePolicy
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import TensorInfo, encode_arrays, encode_values, model_digest
@@ -124,7 +125,11 @@ class TrainingTasks:
     def prepare(self, task: pb.TaskHeader, spec: JobSpec) -> Prepared | Problem:
         """The round of a train task (or a secure aggregation collect), if the budget pays for
         it, and its neighbours' shares, if any, check: all before anything is fetched or trained."""
-        private = PrivateRound(spec, self.policy.dataset_size)
+        try:
+            device = training_device(spec.training.device, self.policy.allowed_devices)
+        except FedtrainError as err:  # admitted on a machine that has since lost its GPU
+            return Problem(Refusal(Reason.DEVICE_UNAVAILABLE, {"training.device": spec.training.device}), str(err))
+        private = PrivateRound(spec, self.policy.dataset_size, device)
         quote = private.quote(self.ledger)
         if not quote.allowed:
             return budget_problem(self.policy, quote.refusal())

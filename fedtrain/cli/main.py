@@ -29,14 +29,23 @@ app.command("generate")(models.generate_command)
 @app.command("demo")
 def demo(out: Path = typer.Option(None, help="Directory for report.json, report.png and all state."),
          text: bool = typer.Option(False, "--text", help="LoRA fine-tuning of MiniLM on tweets instead."),
-         rounds: int = typer.Option(None, help="Federated rounds (5 tabular, 4 text)."),
-         epsilon: float = typer.Option(None, help="Total epsilon per node for the job (3 tabular, 8 text).")) -> None:
+         llm: bool = typer.Option(False, "--llm", help="DP-LoRA instruction tuning of SmolLM2-135M-Instruct instead."),
+         rounds: int = typer.Option(None, help="Federated rounds (5 tabular, 4 text, 2 llm)."),
+         epsilon: float = typer.Option(None, help="Total epsilon per node for the job (3 tabular, 8 text and llm).")
+         ) -> None:
     """Run a demo on 127.0.0.1: a coordinator and 3 node processes, FedAvg under DP-SGD.
 
     By default breast-cancer data and a logistic model; with --text, sentiment of
-    tweets with the shipped MiniLM encoder and a LoRA adapter.
+    tweets with the shipped MiniLM encoder and a LoRA adapter; with --llm, the same tweets
+    as instructions for the shipped SmolLM2 chat model, with secure aggregation.
     """
-    if text:
+    if text and llm:
+        raise typer.BadParameter("choose one of --text and --llm")
+    if llm:
+        from fedtrain.demos.llm import run_llm_demo
+
+        run_llm_demo(out or Path("out/demo-llm"), rounds=rounds or 2, epsilon=epsilon or 8.0)
+    elif text:
         from fedtrain.demos.text import run_text_demo
 
         run_text_demo(out or Path("out/demo-text"), rounds=rounds or 4, epsilon=epsilon or 8.0)

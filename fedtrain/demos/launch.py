@@ -22,10 +22,14 @@ from fedtrain.errors import FedtrainError
 class LocalConsortium:
     """Context manager owning every process it starts; all are stopped on exit."""
 
-    def __init__(self, root: Path, poll_seconds: float = 2.0, secure: bool = True, eval_dir: Path | None = None):
+    def __init__(self, root: Path, poll_seconds: float = 2.0, secure: bool = True, eval_dir: Path | None = None,
+                 node_threads: int | None = None):
         """``secure=False`` runs everything with --insecure (plaintext, no identities); ``eval_dir``
-        holds the tables jobs evaluate on (the coordinator's --eval-dir)."""
+        holds the tables jobs evaluate on (the coordinator's --eval-dir); ``node_threads``: torch
+        threads per node process (default: a third of the CPUs, at least one), so that three
+        nodes training at once share the machine instead of spinning on each other's cores."""
         self.root = Path(root)
+        self.node_threads = node_threads or max(1, (os.cpu_count() or 1) // 3)
         self.eval_dir = eval_dir
         self.logs = self.root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -110,6 +114,7 @@ class LocalConsortium:
             self.enroll([name])
             security = ["--tls-dir", str(self.pki / "nodes" / name)]
             env = {**(env or {}), "FEDTRAIN_JOIN_TOKEN": self.tokens[name]}  # not in argv, which anyone can read
+        env = {"OMP_NUM_THREADS": str(self.node_threads), **(env or {})}
         return self._spawn(f"node-{name}", [
             "node", "start", "--coordinator", self.address, "--data", str(data), "--policy", str(policy),
             "--state-dir", str(self.node_state(name)), "--poll-seconds", str(self.poll_seconds), *security,

@@ -172,8 +172,8 @@ def run_local_job(out: Path, spec: JobSpec, shards: dict[str, Path],
 
 
 def write_demo_report(out: Path, spec: JobSpec, job_id: str, status: pb.JobStatus, nodes: dict,
-                      baselines: dict[str, dict], title: str) -> dict:
-    """report.json and report.png, and the tables on the console."""
+                      baselines: dict[str, dict], title: str, extra: dict | None = None) -> dict:
+    """report.json and report.png, and the tables on the console; ``extra`` goes into report.json."""
     report = {
         "job": {"id": job_id, "epsilon": spec.privacy.epsilon, "delta": spec.privacy.delta,
                 "rounds": spec.training.rounds, "nodes": list(nodes)},
@@ -184,9 +184,11 @@ def write_demo_report(out: Path, spec: JobSpec, job_id: str, status: pb.JobStatu
             for r in status.rounds
         ],
         **baselines,
+        **(extra or {}),
     }
     final = report["rounds"][-1]["accuracy"]
-    report["accuracy_ratio"] = final / report["centralized"]["accuracy"]
+    central = report["centralized"]["accuracy"]
+    report["accuracy_ratio"] = final / central if central else None  # a toy run's baseline may get none right
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "report.png", title)
 
@@ -201,7 +203,8 @@ def write_demo_report(out: Path, spec: JobSpec, job_id: str, status: pb.JobStatu
     others = "".join(f", {name} {b['accuracy']:.4f}" for name, b in baselines.items() if name != "centralized")
     console.print(
         f"federated DP accuracy {final:.4f} vs centralized non-private {report['centralized']['accuracy']:.4f}"
-        f" (ratio {report['accuracy_ratio']:.3f}){others}\nreport: {out / 'report.json'}, {out / 'report.png'}"
+        f" (ratio {report['accuracy_ratio'] or float('nan'):.3f}){others}"
+        f"\nreport: {out / 'report.json'}, {out / 'report.png'}"
     )
     return report
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedtrain.data import TextTable
+from fedtrain.data import DataCheck, TextTable
 from fedtrain.demos.tabular import run_local_job, train_centrally, write_demo_report
 from fedtrain.errors import FedtrainError
 from fedtrain.models import load_dataset
@@ -50,10 +51,15 @@ def tweets(min_confidence: float = 0.7, seed: int = 0) -> TextTable:
     return TextTable([texts[i] for i in order], np.asarray(labels, dtype=np.int64)[order])
 
 
-def write_text_shards(out: Path, per_node: int, test_size: int, seed: int = 0) -> tuple[list[Path], Path]:
-    """Disjoint, class-balanced node shards and a held-out test set, as UTF-8 CSV files."""
+def write_text_shards(out: Path, per_node: int, test_size: int, seed: int = 0,
+                      columns: tuple[str, str] = ("text", "sentiment"),
+                      row: Callable[[str, str], tuple[str, str]] = lambda text, label: (text, label),
+                      keep: Callable[[str], bool] = lambda text: True) -> tuple[list[Path], Path]:
+    """Disjoint, class-balanced node shards and a held-out test set, as UTF-8 CSV files of
+    ``columns``, each row ``row(tweet, label)``, of the tweets that ``keep``."""
     corpus = tweets(seed=seed)
-    by_class = [np.flatnonzero(corpus.labels == c) for c in range(len(CLASSES))]
+    kept = np.array([keep(t) for t in corpus.texts], dtype=bool)
+    by_class = [np.flatnonzero((corpus.labels == c) & kept) for c in range(len(CLASSES))]
     half = (len(NODES) * per_node + test_size) // 2
     if min(len(ix) for ix in by_class) < half:
         raise FedtrainError(f"the corpus has too few tweets for {len(NODES)} x {per_node} + {test_size}")
@@ -63,8 +69,8 @@ def write_text_shards(out: Path, per_node: int, test_size: int, seed: int = 0) -
     for path, idx in zip(paths, np.split(pool, np.cumsum(sizes)[:-1])):
         with path.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["text", "sentiment"])
-            w.writerows([corpus.texts[i], CLASSES[corpus.labels[i]]] for i in idx)
+            w.writerow(columns)
+            w.writerows(row(corpus.texts[i], CLASSES[corpus.labels[i]]) for i in idx)
     return paths[:-1], paths[-1]
 
 
@@ -87,12 +93,14 @@ def text_spec(test: Path, rounds: int, epsilon: float) -> JobSpec:
     })
 
 
-def centralized_lora(spec: JobSpec, shards: list[Path], test: Path) -> dict[str, float]:
+def centralized_lora(spec: JobSpec, shards: list[Path], test: Path, learning_rate: float = LR_PLAIN
+                     ) -> dict[str, float]:
     """The same LoRA model trained without DP on the union of the shards, for as many epochs
     (with plain SGD's own step size)."""
     spec = JobSpec.model_validate({**spec.model_dump(), "training": {**spec.training.model_dump(),
-                                                                      "learning_rate": LR_PLAIN}})
-    parts = [load_dataset(p, spec).tensors for p in shards]
+                                                                      "learning_rate": learning_rate}})
+    # The rows each node would read: one that does not fit the job is skipped, as on the node.
+    parts = [load_dataset(p, spec, DataCheck()).tensors for p in shards]
     union = TensorDataset(*(torch.cat(ts) for ts in zip(*parts)))
     return train_centrally(spec, union, test)
 

@@ -105,67 +105,91 @@ def forward(spec: JobSpec, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -
     return model(*inputs)
 
 
-def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token loss over the tokens ``target_mask`` marks (a text's own tokens; for
-    instruction tuning, the response's alone), averaged over each text, then over texts.
+def trim(spec: JobSpec, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A transformer batch without the padding columns that no row of it uses.
 
-    Per-text averaging keeps each example's term a function of that example only,
-    which is what per-example clipping assumes (a batch-wide token mean would not).
+    Texts are padded to max_length on the node; attention never reaches padding (right
+    padding, masked), so cutting it changes no logit of a real token, only the compute.
+    """
+    if not _is_transformer(spec) or not len(batch[0]):
+        return batch
+    width = int(batch[1].sum(1).max())
+    return tuple(t[:, :width] if t.dim() == 2 else t for t in batch)
+
+
+def causal_lm_losses(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Each text's next-token loss, averaged over the tokens ``target_mask`` marks (the
+    text's own tokens; for instruction tuning, the response's alone).
+
+    Averaging per text keeps each example's term a function of that example only, which
+    is what per-example clipping assumes (a batch-wide token mean would not).
     """
     target, mask = input_ids[:, 1:], target_mask[:, 1:].to(logits.dtype)
     token = nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="none"
     ).view_as(mask)
-    return ((token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return (token * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def _generative_loss(spec: JobSpec, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    # causal-lm: (input_ids, attention_mask); instruction-tuning: (..., response_mask).
-    return causal_lm_loss(forward(spec, model, batch[:2]), batch[0], batch[-1])
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """The batch's loss: the mean of :func:`causal_lm_losses`."""
+    return causal_lm_losses(logits, input_ids, target_mask).mean()
+
+
+def example_losses(spec: JobSpec) -> LossFn:
+    """Each example's loss in a batch (a vector): what Opacus's ghost clipping takes."""
+    def losses(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        batch = trim(spec, batch)
+        if spec.generative:
+            # causal-lm: (input_ids, attention_mask); instruction-tuning: (..., response_mask).
+            return causal_lm_losses(forward(spec, model, batch[:2]), batch[0], batch[-1])
+        return nn.functional.cross_entropy(forward(spec, model, batch[:-1]).float(), batch[-1], reduction="none")
+    return losses
 
 
 def loss_fn(spec: JobSpec) -> LossFn:
     """The training loss of a batch: the mean of per-example losses (Opacus's 'mean' reduction)."""
-    if spec.generative:
-        return functools.partial(_generative_loss, spec)
-    return lambda model, batch: nn.functional.cross_entropy(forward(spec, model, batch[:-1]), batch[-1])
+    losses = example_losses(spec)
+    return lambda model, batch: losses(model, batch).mean()
+
+
+def greedy_answers(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """For each pair, whether greedy decoding from its prompt gives exactly its response's
+    tokens, end-of-turn token included (so that "positive" is not "positively").
+
+    Greedy decoding emits the response iff at every response position the most likely next
+    token, given the prompt and the response so far, is the response's own: one forward
+    pass over prompt + response answers that for a whole batch.
+    """
+    predicted = logits[:, :-1].argmax(-1)
+    target = response_mask[:, 1:].bool()
+    right = (predicted == input_ids[:, 1:]) | ~target
+    return right.all(1) & target.any(1)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TensorDataset, spec: JobSpec, batch_size: int = 64) -> dict[str, float]:
+def evaluate(model: nn.Module, dataset: TensorDataset, spec: JobSpec, batch_size: int = 32) -> dict[str, float]:
     """accuracy and loss (classification), or loss and perplexity (generative: over the
     responses' tokens for instruction tuning, with the accuracy of greedy answers when the
     job names its closed set of answers)."""
     model.eval()
+    device = next(model.parameters()).device
     loss, correct, n = 0.0, 0, 0
     for batch in DataLoader(dataset, batch_size=batch_size):
-        size = len(batch[0])
+        batch = trim(spec, tuple(t.to(device) for t in batch))
         if spec.generative:
-            loss += float(_generative_loss(spec, model, batch)) * size
+            logits = forward(spec, model, batch[:2])
+            loss += float(causal_lm_losses(logits, batch[0], batch[-1]).sum())
+            if spec.task == "instruction-tuning":
+                correct += int(greedy_answers(logits, batch[0], batch[-1]).sum())
         else:
             logits = forward(spec, model, batch[:-1])
             loss += float(nn.functional.cross_entropy(logits, batch[-1], reduction="sum"))
             correct += int((logits.argmax(dim=1) == batch[-1]).sum())
-        n += size
+        n += len(batch[0])
     if spec.generative:
         metrics = {"loss": loss / n, "perplexity": float(np.exp(loss / n))}
         if spec.task == "instruction-tuning" and spec.data.answers:
-            metrics["accuracy"] = float(np.mean([answered(model, *row) for row in zip(*dataset.tensors)]))
+            metrics["accuracy"] = correct / n
         return metrics
     return {"accuracy": correct / n, "loss": loss / n}
-
-
-@torch.no_grad()
-def answered(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             response_mask: torch.Tensor) -> bool:
-    """Whether greedy generation from a pair's prompt gives exactly its response's tokens
-    (the end-of-turn token included, so that "positive" is not "positively")."""
-    response = input_ids[response_mask.bool()]
-    if not len(response):
-        return False
-    start = int(response_mask.nonzero()[0])
-    prompt = input_ids[:start].unsqueeze(0)
-    eos = model.generation_config.eos_token_id
-    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(response),
-                         do_sample=False, pad_token_id=eos[0] if isinstance(eos, list) else eos)
-    return torch.equal(out[0, start:start + len(response)], response)

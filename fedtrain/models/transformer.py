@@ -203,11 +203,11 @@ def _instruction_dataset(pairs: PairTable, spec: JobSpec, check: DataCheck | Non
     if pairs.prompts:
         tokenizer = load_tokenizer(verified_base(spec))
         pad = tokenizer.pad_token_id
-        for row, (prompt, response) in enumerate(zip(pairs.prompts, pairs.responses), start=1):
+        for row, prompt, response in zip(pairs.rows, pairs.prompts, pairs.responses):
             head = tokenizer(chat_prompt(tokenizer, prompt, spec.data.system), add_special_tokens=False)["input_ids"]
             if len(head) >= length:
-                note_problem(check, f"row {row}: the prompt takes {len(head)} tokens, no room for the response"
-                                f" within max_length {length}")
+                note_problem(check, f"{pairs.source}, row {row}: the prompt takes {len(head)} tokens, no room for"
+                                f" the response within max_length {length}")
                 continue
             tail = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
             rows.append(((head + tail)[:length], len(head)))
@@ -219,6 +219,33 @@ def _instruction_dataset(pairs: PairTable, spec: JobSpec, check: DataCheck | Non
         attention[i, :len(tokens)] = 1
         response[i, start:len(tokens)] = 1
     return TensorDataset(ids, attention, response)
+
+
+@torch.no_grad()
+def answer_examples(model: nn.Module, spec: JobSpec, pairs: TensorDataset, count: int = 3,
+                    max_new_tokens: int = 16) -> list[dict[str, str]]:
+    """What an instruction-tuned model says to the first ``count`` prompts of ``pairs`` (as
+    ``load_dataset`` gives them), greedily, before fine-tuning (its adapter off: the base)
+    and after, next to the expected response: the examples a report shows."""
+    tokenizer = load_tokenizer(verified_base(spec))
+    model.eval()
+    device = next(model.parameters()).device
+    examples = []
+    for ids, _, response in list(zip(*pairs.tensors))[:count]:
+        start = int(response.nonzero()[0])
+        prompt = ids[None, :start].to(device)
+
+        def say() -> str:
+            said = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            return tokenizer.decode(said[0, start:], skip_special_tokens=True).strip()
+
+        with model.disable_adapter():
+            before = say()
+        examples.append({"prompt": tokenizer.decode(ids[:start], skip_special_tokens=True).strip(),
+                         "expected": tokenizer.decode(ids[response.bool()], skip_special_tokens=True).strip(),
+                         "before": before, "after": say()})
+    return examples
 
 
 def save_adapter(model: nn.Module, spec: JobSpec, out: Path, merged: bool) -> list[Path]:

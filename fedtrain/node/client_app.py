@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedtrain.models import load_dataset
 from fedtrain.node.round import PrivateRound
+from fedtrain.node.training import training_device
 from fedtrain.protocol.records import arrays_to_numpy, numpy_to_arrays
 from fedtrain.spec import job_spec_from_json
 
@@ -31,7 +32,7 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     spec = job_spec_from_json(str(context.run_config["job-spec"]))
     dataset = load_dataset(str(context.node_config["data-path"]), spec)
-    private = PrivateRound(spec, len(dataset))
+    private = PrivateRound(spec, len(dataset), training_device(spec.training.device, ["cpu", "cuda"]))
     update = private.train(dataset, arrays_to_numpy(msg.content["arrays"]))
     # The training loss is a statistic of the private data without noise: it is logged
     # here, on the node, and never put into the reply.

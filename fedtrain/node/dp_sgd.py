@@ -16,12 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import wrap_data_loader
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from fedtrain.errors import FedtrainError
-from fedtrain.models import build_model, load_trainable_state, loss_fn, trainable_state
+from fedtrain.models import build_model, example_losses, load_trainable_state, loss_fn, trainable_state
 from fedtrain.protocol.codec import manifest_of
 from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.spec import JobSpec
@@ -64,19 +66,22 @@ def _poisson_loader(dataset: TensorDataset, sample_rate: float) -> DataLoader:
 
 
 def train_private(model: nn.Module, dataset: TensorDataset, spec: JobSpec, plan: RoundPlan,
-                  batch_size: int) -> TrainedRound:
+                  batch_size: int, device: torch.device = torch.device("cpu")) -> TrainedRound:
     """Train ``model`` in place for one round of DP-SGD (Poisson sampling, flat clipping).
 
     Every value that steers the round is public: the plan (from the spec and the node's
     declared dataset size), ``batch_size`` (see :func:`expected_batch_size`) and the spec.
     FedProx's ``strategy.params.proximal_mu`` > 0 adds its proximal pull towards the
     round's starting weights after each noisy step: it does not touch the data, so it is
-    post-processing and costs no privacy.
+    post-processing and costs no privacy. ``training.physical_batch_size`` splits each
+    logical batch (Opacus's BatchMemoryManager): the same steps and noise, in less memory.
     """
-    model.train()
+    model.to(device).train()
+    training = spec.training
     trainable = [p for p in model.parameters() if p.requires_grad]
     global_weights = [p.detach().clone() for p in trainable]
     proximal_mu = float(spec.strategy.params.get("proximal_mu", 0.0)) if spec.strategy.name == "fedprox" else 0.0
+    ghost = training.grad_sample_mode == "ghost"
     # Noise and batch sampling must be unpredictable. Opacus's secure_mode needs torchcsprng
     # (no build for this torch), so both RNGs are seeded from the OS's CSPRNG instead;
     # the Poisson sampler draws from the process's RNG, forked so that no caller's RNG moves.
@@ -84,17 +89,19 @@ def train_private(model: nn.Module, dataset: TensorDataset, spec: JobSpec, plan:
         torch.manual_seed(secrets.randbits(63))
         engine = PrivacyEngine(accountant=spec.privacy.accountant)
         # The loader already samples at the plan's rate: Opacus records 1 / len(loader) steps.
-        dp_model, optimizer, dp_loader = engine.make_private(
+        # Ghost mode also returns a criterion wrapper, which our own loss replaces (below).
+        dp_model, optimizer, *_, dp_loader = engine.make_private(
             module=model,
-            optimizer=sgd(model, spec.training),
+            optimizer=sgd(model, training),
             data_loader=_poisson_loader(dataset, plan.sample_rate),
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=spec.privacy.max_grad_norm,
             poisson_sampling=False,
-            noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
+            noise_generator=torch.Generator(device).manual_seed(secrets.randbits(63)),
+            grad_sample_mode=training.grad_sample_mode,
         )
         optimizer.expected_batch_size = batch_size
-        lr = spec.training.learning_rate
+        lr = training.learning_rate
 
         def proximal_pull() -> None:
             with torch.no_grad():
@@ -102,28 +109,39 @@ def train_private(model: nn.Module, dataset: TensorDataset, spec: JobSpec, plan:
                     p.sub_(lr * proximal_mu * (p - g))
 
         def empty_batch() -> None:
-            # No example drawn: zero per-example gradients, so the step adds noise only.
+            # No example drawn: zero per-example gradients (ghost clipping: a zero clipped
+            # sum), so the step adds noise only.
             for p in trainable:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                if ghost:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
-        loss, _ = run_epochs(
-            dp_model, optimizer, dp_loader, spec.training.local_epochs, loss_fn(spec),
-            proximal_pull if proximal_mu > 0 else None, empty_batch,
+        losses = example_losses(spec)
+        # Ghost clipping's loss runs its two backward passes (norms, then the clipped sum).
+        loss = ((lambda m, b: DPTensorFastGradientClipping(m, optimizer, losses(m, b), "mean")) if ghost
+                else loss_fn(spec))
+        if training.physical_batch_size is not None:  # what BatchMemoryManager's context returns
+            dp_loader = wrap_data_loader(data_loader=dp_loader, max_batch_size=training.physical_batch_size,
+                                         optimizer=optimizer)
+        result, _ = run_epochs(
+            dp_model, optimizer, dp_loader, training.local_epochs, loss,
+            proximal_pull if proximal_mu > 0 else None, empty_batch, device, training.precision,
         )
     history = engine.accountant.history
     # One (noise, rate, steps) entry, since noise and rate are fixed for the round.
     (sigma, rate, steps), = history
-    return TrainedRound(loss=loss, plan=RoundPlan(noise_multiplier=sigma, sample_rate=rate, steps=steps))
+    return TrainedRound(loss=result, plan=RoundPlan(noise_multiplier=sigma, sample_rate=rate, steps=steps))
 
 
 def train_round(spec: JobSpec, dataset: TensorDataset, start: dict[str, np.ndarray], plan: RoundPlan,
-                batch_size: int) -> LocalUpdate:
+                batch_size: int, device: torch.device = torch.device("cpu")) -> LocalUpdate:
     """One node's round: the job's model from ``start``, trained under ``plan`` (see
     :func:`train_private`); raises FedtrainError, and nothing may be sent, if Opacus recorded
     another plan or the model holds other tensors than it started from."""
     model = build_model(spec)
     load_trainable_state(model, start)
-    result = train_private(model, dataset, spec, plan, batch_size)
+    result = train_private(model, dataset, spec, plan, batch_size, device)
     if result.plan != plan:
         raise FedtrainError(f"training recorded {result.plan}, not the planned {plan}; nothing is sent")
     update = trainable_state(model)

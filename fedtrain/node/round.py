@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch.utils.data import TensorDataset
 
 from fedtrain.node.dp_sgd import LocalUpdate, expected_batch_size, train_round
@@ -28,9 +29,12 @@ if TYPE_CHECKING:
 
 
 class PrivateRound:
-    def __init__(self, spec: JobSpec, dataset_size: int):
+    def __init__(self, spec: JobSpec, dataset_size: int, device: torch.device = torch.device("cpu")):
+        """``device``: where it trains (``training.training_device`` resolves the job's
+        ``training.device`` against the node's policy and hardware)."""
         self.spec = spec
         self.dataset_size = dataset_size
+        self.device = device
         self.plan = plan_round(spec, dataset_size)  # noise, sample rate, steps: computed once
         self.batch_size = expected_batch_size(self.plan, dataset_size)
 
@@ -42,7 +46,7 @@ class PrivateRound:
         """One round of DP-SGD on ``dataset`` from the global model's tensors ``start``;
         FedtrainError, and nothing may be sent, if Opacus recorded another plan or other
         tensors come out than went in (see ``dp_sgd.train_round``)."""
-        return train_round(self.spec, dataset, start, self.plan, self.batch_size)
+        return train_round(self.spec, dataset, start, self.plan, self.batch_size, self.device)
 
     def metrics(self, *, num_examples: bool) -> dict[str, int | float]:
         """The round's public metrics: its DP parameters and, with ``num_examples``, the

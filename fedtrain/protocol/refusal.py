@@ -35,6 +35,8 @@ class Reason(str, Enum):
     BASE_NOT_ALLOWED = "base-not-allowed"      # outside the policy's model_roots or allowed_base_models
     BASE_UNAVAILABLE = "base-unavailable"      # no base with the job's sha256 under the model roots
     LIMIT_EXCEEDED = "limit-exceeded"          # a size or compute limit of the policy
+    DEVICE_NOT_ALLOWED = "device-not-allowed"  # training.device is not in the policy's allowed_devices
+    DEVICE_UNAVAILABLE = "device-unavailable"  # training.device: cuda on a node without CUDA
     DELTA_TOO_LARGE = "delta-too-large"
     SECURE_AGGREGATION_REQUIRED = "secure-aggregation-required"
     BUDGET_EXCEEDED = "budget-exceeded"        # the ledger cannot pay for the job or round

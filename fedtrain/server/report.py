@@ -20,9 +20,12 @@ from fedtrain.spec import job_spec_from_json
 REPORT_JSON, REPORT_HTML = "report.json", "report.html"
 
 
-def job_report(status: pb.JobStatus, audit: dict | None = None) -> dict:
+def job_report(status: pb.JobStatus, audit: dict | None = None, examples: list[dict[str, str]] | None = None
+               ) -> dict:
     """The report's content, as plain JSON-able data; ``audit``, the job's privacy audit
-    (``fedtrain.audit.AuditResult`` as a dict), if one was run."""
+    (``fedtrain.audit.AuditResult`` as a dict), if one was run; ``examples``, what an
+    instruction-tuned model answers to evaluation prompts before and after
+    (``fedtrain.models.transformer.answer_examples``)."""
     spec = job_spec_from_json(status.spec_json)
 
     def node_entry(decision: str = "", reason: str = "") -> dict:
@@ -53,6 +56,7 @@ def job_report(status: pb.JobStatus, audit: dict | None = None) -> dict:
         "rounds": rounds,
         "nodes": nodes,
         "audit": audit,
+        "examples": examples or [],
     }
 
 
@@ -151,6 +155,9 @@ def render_html(report: dict) -> str:
           audit["score"]]]) + ("<p>The job's pipeline, run by the coordinator on its own evaluation table with"
                                " canaries in one node's share: a bound above the claimed ε would mean the"
                                " pipeline leaks more than it claims.</p>")
+    answers = "" if not report["examples"] else "<h2>Answers before and after</h2>" + _table(
+        ["prompt (evaluation data)", "expected", "before fine-tuning", "after"],
+        [[e["prompt"], e["expected"], e["before"], e["after"]] for e in report["examples"]])
     figures = "".join(f"<figure><figcaption>{html.escape(title)}</figcaption>{svg}</figure>"
                       for title, svg in _figures(report))
     error = f"<p class=error>{html.escape(job['error'])}</p>" if job["error"] else ""
@@ -168,18 +175,19 @@ svg {{ max-width: 100%; height: auto; }}
 <p>spec sha256 <code>{job['spec_sha256']}</code>. Everything here is what the coordinator received:
 DP-protected updates (or their secure sum), the DP parameters and ε each node reported, and the
 evaluation of the global model on the coordinator's own data.</p>
-{audited}{figures}
+{audited}{answers}{figures}
 <h2>Rounds</h2>{per_round}
 <h2>Nodes</h2>{per_node}
 </body></html>
 """
 
 
-def write_report(status: pb.JobStatus, out: Path, audit: dict | None = None) -> Path:
+def write_report(status: pb.JobStatus, out: Path, audit: dict | None = None,
+                 examples: list[dict[str, str]] | None = None) -> Path:
     """Write report.json and report.html for ``status`` (and its ``audit``) into ``out``;
     returns the HTML's path."""
     out.mkdir(parents=True, exist_ok=True)
-    report = job_report(status, audit)
+    report = job_report(status, audit, examples)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2))
     page = out / REPORT_HTML
     page.write_text(render_html(report), encoding="utf-8")
