@@ -1,8 +1,9 @@
 """How a node trains a round: logical vs physical batches (Opacus's BatchMemoryManager),
 hooks vs ghost clipping, bf16 autocast, and the device its policy lets a job use.
 
-None of these may change what a round releases beyond float rounding: with the secret
-seeds fixed, each gives the same update, the same plan and the same accountant history."""
+None of these may change what a round releases beyond rounding: with the secret seeds
+fixed, physical batches and ghost clipping give the same update, plan and accountant
+history as whole batches with hooks; bf16 gives the same plan, its weights in float32."""
 
 import numpy as np
 import pytest
