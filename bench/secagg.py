@@ -23,8 +23,8 @@ from torch.utils.data import TensorDataset
 
 from fedtrain.protocol import tls
 from fedtrain.models import build_model, trainable_state
-from fedtrain.privacy.accounting import RoundPlan
-from fedtrain.node.dp_sgd import expected_batch_size, train_private
+from fedtrain.privacy.accounting import RoundPlan, expected_batch_size
+from fedtrain.node.dp_sgd import train_private
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import decode_arrays, encode_arrays, encode_values
 from fedtrain.secagg.encoding import MASKED_TENSOR, encode

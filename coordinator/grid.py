@@ -59,7 +59,7 @@ def check_update(spec: JobSpec, sent: dict[str, np.ndarray], header: pb.ResultHe
         raise WireError("metric 'num-examples' must be positive")
     plan = RoundPlan(metrics["noise-multiplier"], metrics["sample-rate"], metrics["steps"])
     check_plan(spec, plan)
-    bound = update_bound(spec, plan, sum(a.size for a in sent.values()))
+    bound = update_bound(spec, plan, sent)
     norm = math.sqrt(sum(np.sum(np.square(arrays[k].astype(np.float64) - sent[k])) for k in sent))
     if not norm <= bound:
         raise WireError(f"the update moves the global model by {norm:.4g} (L2 norm), more than the bound of"

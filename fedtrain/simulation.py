@@ -19,17 +19,22 @@ import os
 import re
 import threading
 import time
+import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch.utils.data import TensorDataset
 
 from fedtrain.node.client_app import app as node_app
+from fedtrain.node.dp_sgd import LocalUpdate
+from fedtrain.node.round import PrivateRound
+from fedtrain.protocol.records import arrays_to_numpy, numpy_to_arrays, with_message_id
 from fedtrain.data import read_arrow, write_arrow
 from fedtrain.errors import FedtrainError, SpecError
 from fedtrain.spec import JobSpec
@@ -277,3 +282,69 @@ def simulate(
     spent = [by_history[tuple(h)] for h in history.values()] + [0.0] * (num_nodes - len(history))
     return SimulationResult(nodes=num_nodes, scheme=scheme, partition_sizes=sizes, rounds=rounds, epsilon=spent,
                             peak_rss_bytes=peak, wall_seconds=time.monotonic() - started)
+
+
+class LocalGrid:
+    """Nodes in this process as a Flower grid: each message is answered at once by that node's
+    ``PrivateRound``, with the reply a node agent sends (its update and public metrics). Node
+    ``i`` (id ``i + 1``) trains on ``datasets[i]`` under the plan for ``declared[i]`` rows
+    (default: its rows). Like the simulation, it leaves out the deployment around them:
+    policies, ledgers, TLS and secure aggregation."""
+
+    def __init__(self, spec: JobSpec, datasets: list[TensorDataset], declared: list[int] | None = None):
+        self.spec = spec
+        self.datasets = datasets
+        self.private = [PrivateRound(spec, n) for n in (declared or [len(d) for d in datasets])]
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, len(self.datasets) + 1))
+
+    def trained(self, node: int, start: dict[str, np.ndarray], update: LocalUpdate) -> None:
+        """Called after each node's round, before its reply: what a subclass observes."""
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            i = msg.metadata.dst_node_id - 1
+            start = arrays_to_numpy(msg.content["arrays"])
+            update = self.private[i].train(self.datasets[i], start)
+            self.trained(i, start, update)
+            content = RecordDict({"arrays": numpy_to_arrays(update.arrays),
+                                  "metrics": MetricRecord(self.private[i].metrics(num_examples=True))})
+            replies.append(Message(content, reply_to=with_message_id(msg, uuid.uuid4().hex)))
+        return replies
+
+
+def play_the_server() -> None:
+    """Flower stamps messages with a process-wide task identity; outside a Flower app (and a
+    coordinator, which sets the same) an in-process run plays the server's role, as the coordinator does."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    try:
+        TaskIdentity.run_id
+    except RuntimeError:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def run_in_process(spec: JobSpec, datasets: list[TensorDataset]) -> list[dict[str, float]]:
+    """Run ``spec`` with one in-process node per dataset (``LocalGrid``), through the coordinator's
+    own rounds and strategy; returns the central evaluation's metrics after each round (empty
+    without ``spec.evaluation``). Faster than ``simulate`` for a few nodes: no Ray, no workers."""
+    from fedtrain.models import build_model, evaluate, initial_state, load_dataset, load_trainable_state
+    from fedtrain.server.rounds import run_rounds
+    from fedtrain.server.strategy import build_strategy
+
+    eval_data = load_dataset(spec.evaluation.data, spec) if spec.evaluation else None
+    model = build_model(spec)
+    metrics: list[dict[str, float]] = []
+
+    def after_round(server_round: int, weights: dict[str, np.ndarray], given_up: str) -> None:
+        if given_up:
+            raise FedtrainError(f"round {server_round} was given up: {given_up}")
+        if eval_data is not None:
+            load_trainable_state(model, weights)
+            metrics.append(evaluate(model, eval_data, spec))
+
+    play_the_server()
+    run_rounds(build_strategy(spec), LocalGrid(spec, datasets), spec, initial_state(spec), 1, after_round)
+    return metrics

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import (
     BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator,
@@ -190,7 +191,16 @@ class TrainingSpec(_Strict):
     local_epochs: Annotated[int, Field(ge=1, le=1000)] = 1
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     learning_rate: PositiveFloat = 0.1
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # The node's optimizer. It steps on Opacus's privatised gradient (clipped, summed,
+    # noised), so its choice is post-processing and costs no privacy. It starts afresh each
+    # round: the global model it steps from has moved since, and no state outlives a round
+    # on the node (see README, "Tuning DP jobs").
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0  # sgd only
+    # adam and adamw: the moments' decay rates. beta1² < beta2 bounds each step (robust.py).
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    # adamw only: decoupled weight decay, each step shrinks the weights by learning_rate * weight_decay.
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
     # A node's DP plan takes at most this many steps a round: bounds its compute and its update.
     max_steps_per_round: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     # batch_size is the logical (Poisson) batch that privacy is accounted for; a node splits
@@ -200,7 +210,8 @@ class TrainingSpec(_Strict):
     # How per-example gradient norms are found: hooks (per-example gradients; cheapest for
     # LoRA on a frozen base) or ghost (Opacus's ghost clipping: norms without materialising
     # per-example gradients, at the cost of a second backward; cheapest for wide dense layers).
-    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    # auto: ghost for the tabular models (dense layers), hooks for transformers with adapters.
+    grad_sample_mode: Literal["auto", "hooks", "ghost"] = "auto"
     # Where a node trains: auto takes CUDA when the node has it and its policy allows it.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # bf16 runs the forward pass under autocast (CUDA, or CPUs with bf16 support); the
@@ -213,6 +224,36 @@ class TrainingSpec(_Strict):
             raise ValueError(f"physical_batch_size ({self.physical_batch_size}) is larger than the logical"
                              f" batch_size ({self.batch_size}); leave it out to train whole batches")
         return self
+
+    @model_validator(mode="after")
+    def _optimizer_settings(self) -> TrainingSpec:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"momentum is sgd's; {self.optimizer} keeps its own moments (betas)")
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError("weight_decay is adamw's decoupled decay: set optimizer: adamw")
+        if self.learning_rate * self.weight_decay > 1:
+            raise ValueError("learning_rate * weight_decay must be at most 1: one step's decay would overshoot zero")
+        beta1, beta2 = self.betas
+        if beta1**2 >= beta2:
+            raise ValueError(f"betas {list(self.betas)}: beta1² must be below beta2, which bounds an Adam step")
+        return self
+
+    def adam_move(self, steps: int) -> float:
+        """The most ``steps`` Adam steps (fresh moments, ``betas``) move one coordinate, in units
+        of ``learning_rate``, whatever the gradients, the noise among them.
+
+        Step t moves a coordinate by lr·m̂_t/(√v̂_t + eps), with m̂_t = m_t/(1−β1^t) and
+        v̂_t = v_t/(1−β2^t). By Cauchy–Schwarz over m_t = (1−β1)·Σ β1^(t−i)·g_i and
+        v_t = (1−β2)·Σ β2^(t−i)·g_i², with γ = β1²/β2 < 1 (the spec's rule):
+        |m_t|/√v_t ≤ (1−β1)·√((1−γ^t) / ((1−γ)(1−β2))). So step t moves it by at most
+        lr·κ_t, κ_t = (1−β1)/(1−β1^t)·√((1−β2^t)(1−γ^t) / ((1−β2)(1−γ))) (κ_1 = 1), and
+        the round by the sum of them.
+        """
+        beta1, beta2 = self.betas
+        gamma = beta1**2 / beta2
+        t = np.arange(1, steps + 1, dtype=np.float64)
+        first = (1 - beta1) / (1 - beta1**t)
+        return float(np.sum(first * np.sqrt((1 - beta2**t) * (1 - gamma**t) / ((1 - beta2) * (1 - gamma)))))
 
 
 class PrivacySpec(_Strict):
@@ -230,8 +271,8 @@ ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"
 
 
 class StrategySpec(_Strict):
-    name: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"] = (
-        "fedavg")
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
+                  "multikrum", "bulyan"] = "fedavg"
     # Passed to the Flower strategy's constructor, e.g. {proximal_mu: 0.1}, {eta: 0.01},
     # {beta: 0.34} (fedtrimmedavg drops ⌊beta·n⌋ of n values at each end) or
     # {num_malicious_nodes: 1} (krum, multikrum, bulyan).
@@ -349,7 +390,7 @@ class JobSpec(_Strict):
         name, params = self.strategy.name, self.strategy.params
         if name in ROBUST_STRATEGIES and self.secure_aggregation.enabled:
             raise ValueError(f"strategy {name} needs each node's update, which secure aggregation hides:"
-                             " set secure_aggregation: false, or use fedavg, fedprox or fedadam")
+                             " set secure_aggregation: false, or use fedavg, fedprox, fedadam, fedyogi or fedadagrad")
         pull = self.training.learning_rate * params.get("proximal_mu", 0.0)
         if name == "fedprox" and not 0 <= pull <= 1:
             raise ValueError(f"learning_rate * proximal_mu is {pull:g}: FedProx's pull towards the round's start"
@@ -374,6 +415,10 @@ class JobSpec(_Strict):
     def generative(self) -> bool:
         """A causal LM that trains on next-token loss (causal-lm, instruction-tuning)."""
         return self.task in ("causal-lm", "instruction-tuning")
+
+    def with_training(self, **training: Any) -> JobSpec:
+        """This spec with some ``training`` keys changed, validated again."""
+        return JobSpec.model_validate({**self.model_dump(), "training": {**self.training.model_dump(), **training}})
 
     def canonical_json(self) -> str:
         """Stable JSON: the same spec always gives the same bytes, hence the same hash."""

@@ -48,11 +48,13 @@ def test_a_node_that_forgets_the_clipping_norm_in_its_noise_is_caught(digits, mo
     """A planted bug in the node's training: Opacus draws noise with std σ, not σ·C (the plan,
     the metrics and the claim are as honest): 100 times too little noise."""
     import opacus.optimizers.optimizer as dp_optimizer
+    import opacus.optimizers.optimizer_fast_gradient_clipping as ghost_optimizer
 
     spec, path = digits(LEAKY_CLAIM)
     honest = dp_optimizer._generate_noise
-    monkeypatch.setattr(dp_optimizer, "_generate_noise",
-                        lambda std, *a, **kw: honest(std / spec.privacy.max_grad_norm, *a, **kw))
+    for module in (dp_optimizer, ghost_optimizer):  # per-example hooks, and ghost clipping (the MLP's default)
+        monkeypatch.setattr(module, "_generate_noise",
+                            lambda std, *a, **kw: honest(std / spec.privacy.max_grad_norm, *a, **kw))
     result = run_audit(spec, path, canaries=CANARIES, seed=3)
     assert result.verdict == "VIOLATION", result
 
@@ -86,6 +88,8 @@ def test_a_node_that_skips_clipping_for_one_layer_is_caught(tmp_path, monkeypatc
             first.summed_grad = unclipped.to(first.dtype)
 
     spec, path = digits_job(tmp_path, LEAKY_CLAIM, max_grad_norm=1.0)
+    # The planted bug is in per-example clipping (hooks); ghost clipping clips in its own backward.
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"grad_sample_mode": "hooks"})})
     assert run_audit(spec, path, canaries=CANARIES, seed=6).verdict == "consistent"  # the same job, honest
     monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", clip_all_but_the_first_layer)
     result = run_audit(spec, path, canaries=CANARIES, seed=6)

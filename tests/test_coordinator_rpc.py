@@ -248,7 +248,8 @@ def test_a_flooding_node_is_slowed_down_and_the_others_go_on(coordinator):
     assert codes == {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-def test_fedadam_state_survives_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimizer_state_survives_a_checkpoint(tmp_path, name):
     """A strategy restored from a checkpoint takes the same step as one that never stopped."""
     from flwr.app import Message, MetricRecord, RecordDict
 
@@ -257,7 +258,7 @@ def test_fedadam_state_survives_a_checkpoint(tmp_path):
     from coordinator.job_store import JobStore
     from fedtrain.protocol.records import arrays_to_numpy, numpy_to_arrays
 
-    spec = make_spec(strategy={"name": "fedadam", "params": {"eta": 0.1}})
+    spec = make_spec(strategy={"name": name, "params": {"eta": 0.1}})
     rng = np.random.default_rng(0)
     start = {"w": rng.normal(size=(3, 2)).astype(np.float32)}
     updates = [{"w": rng.normal(size=(3, 2)).astype(np.float32)} for _ in range(3)]

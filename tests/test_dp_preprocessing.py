@@ -19,8 +19,8 @@ from scipy.stats import beta
 from fedtrain.data import DataCheck, write_table
 from fedtrain.errors import SpecError
 from fedtrain.models import build_model, evaluate, initial_state, load_dataset, loss_fn
-from fedtrain.privacy.accounting import plan_round
-from fedtrain.node.dp_sgd import expected_batch_size, train_round
+from fedtrain.privacy.accounting import expected_batch_size, plan_round
+from fedtrain.node.dp_sgd import train_round
 from fedtrain.node.training import train_plain
 from torch.utils.data import TensorDataset
 

@@ -104,10 +104,14 @@ def test_cli_job_and_a_refusal_for_budget_reach_the_operator(tmp_path, shards):
         assert {e["type"] for e in audit} >= {"Register", "Poll", "AnswerOffer", "FetchArrays", "SubmitResult"}
 
 
-def test_owner_approval_gates_a_fedadam_job(tmp_path, shards):
+def test_owner_approval_gates_a_fedadam_job_and_the_node_charges_what_job_plan_said(tmp_path, shards):
     paths, _ = shards
     policy = write_policy(tmp_path / "policy.yaml", max_epsilon=5.0, require_approval=True)
-    spec = make_spec(strategy={"name": "fedadam", "params": {"eta": 0.05}})
+    spec = make_spec(strategy={"name": "fedadam", "params": {"eta": 0.05}},
+                     training={"optimizer": "adamw", "learning_rate": 0.01, "weight_decay": 0.01})
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    [planned] = json.loads(cli("job", "plan", str(job_file), "--examples", "150", "--json").stdout)
     with LocalConsortium(tmp_path / "run", poll_seconds=1) as c:
         c.start_coordinator()
         c.start_node("owner", paths[0], policy)
@@ -125,6 +129,12 @@ def test_owner_approval_gates_a_fedadam_job(tmp_path, shards):
     assert status.state == "finished", status.error
     assert [r.round for r in status.rounds] == [0, 1, 2]
     assert status.error == ""  # every round aggregated: FedAdam's step keeps the model's dtypes
+    ledger = PrivacyLedger(c.node_state("owner") / "ledger.db", max_epsilon=5.0, delta=1e-5)
+    rows = ledger.rows(job_id)
+    ledger.close()
+    assert [(r.noise_multiplier, r.sample_rate, r.steps) for r in rows] == [
+        (planned["noise_multiplier"], planned["sample_rate"], planned["steps_per_round"])] * 2
+    assert rows[-1].job_epsilon == pytest.approx(planned["epsilon"]) and planned["total_steps"] == 2 * rows[0].steps
 
 
 def test_a_crash_between_ledger_commit_and_send_loses_no_spend(tmp_path, shards):

@@ -15,8 +15,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from fedtrain.data import write_table
 from fedtrain.errors import SpecError, WireError
 from fedtrain.models import build_model, evaluate, initial_state, load_dataset, load_trainable_state
-from fedtrain.privacy.accounting import RoundPlan, plan_round
-from fedtrain.node.dp_sgd import expected_batch_size, train_round
+from fedtrain.privacy.accounting import RoundPlan, expected_batch_size, plan_round
+from fedtrain.node.dp_sgd import train_round
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import decode_arrays, encode_arrays, encode_values
 from fedtrain.protocol.records import numpy_to_arrays, with_message_id
@@ -111,7 +111,7 @@ def reversed_within_bound(agent, fraction=0.9):
         update = honest(task, private, start)
         change = {k: update.arrays[k] - start[k] for k in start}
         norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in change.values()))
-        scale = fraction * update_bound(private.spec, private.plan, sum(v.size for v in start.values())) / norm
+        scale = fraction * update_bound(private.spec, private.plan, start) / norm
         return type(update)({k: (start[k] - scale * change[k]).astype(start[k].dtype) for k in start}, update.loss)
 
     tasks.local_update = local_update
@@ -158,13 +158,16 @@ def test_a_reply_with_an_extra_metric_is_rejected_and_the_job_goes_on(consortium
 # --- the bound against the real training code ----------------------------------------------
 
 BOUND_CASES = [
-    # (rows, training, strategy): q = 1 and q < 1, momentum, FedProx, several epochs, tiny batches
+    # (rows, training, strategy): q = 1 and q < 1, momentum, FedProx, several epochs, tiny batches, Adam(W)
     (1, {"batch_size": 32}, {}),
     (20, {"batch_size": 32, "momentum": 0.9}, {}),
     (33, {"batch_size": 32}, {}),
     (150, {"batch_size": 16, "local_epochs": 2, "momentum": 0.5}, {}),
     (150, {"batch_size": 8}, {"name": "fedprox", "params": {"proximal_mu": 1.0}}),
     (40, {"batch_size": 1}, {}),
+    (150, {"batch_size": 16, "local_epochs": 2, "optimizer": "adam"}, {}),
+    (60, {"batch_size": 8, "optimizer": "adamw", "weight_decay": 0.5, "betas": (0.5, 0.9)},
+     {"name": "fedprox", "params": {"proximal_mu": 1.0}}),
 ]
 
 
@@ -180,7 +183,7 @@ def test_honest_dp_sgd_updates_are_always_within_the_bound(tmp_path, cancer, sca
     plan = plan_round(spec, rows)
     check_plan(spec, plan)
     start = initial_state(spec)
-    bound = update_bound(spec, plan, sum(v.size for v in start.values()))
+    bound = update_bound(spec, plan, start)
     norms = []
     for _ in range(15):
         update = train_round(spec, dataset, start, plan, expected_batch_size(plan, rows)).arrays

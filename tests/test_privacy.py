@@ -7,8 +7,8 @@ from torch.utils.data import TensorDataset
 
 from fedtrain.errors import BudgetExceeded
 from fedtrain.models import build_model
-from fedtrain.privacy.accounting import RoundPlan, epsilon, plan_round
-from fedtrain.node.dp_sgd import expected_batch_size, train_private
+from fedtrain.privacy.accounting import RoundPlan, epsilon, expected_batch_size, plan_round
+from fedtrain.node.dp_sgd import train_private
 from fedtrain.node.ledger import PrivacyLedger
 
 from conftest import make_spec
@@ -118,3 +118,19 @@ def test_epsilon_is_exactly_opacuss_from_cached_one_step_curves():
         accountant.history = list(history)
         assert epsilon(history, 1e-5) == accountant.get_epsilon(delta=1e-5)
     assert epsilon([], 1e-5) == 0.0
+
+
+def test_job_plan_is_the_nodes_plan_and_warns_of_the_regimes_that_train_poorly():
+    from fedtrain.node.round import PrivateRound
+    from fedtrain.privacy.planning import plan_node, trainable_parameters
+
+    poor = make_spec(training={"rounds": 50, "batch_size": 16}, privacy={"epsilon": 0.5})
+    plan = plan_node(poor, 150, trainable_parameters(poor))
+    node = PrivateRound(poor, 150).plan  # what a node declaring 150 rows trains and charges under
+    assert (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round) == (
+        node.noise_multiplier, node.sample_rate, node.steps)
+    assert plan.trainable_parameters == 4 * 2 + 2 and plan.epsilon == pytest.approx(0.5, abs=0.01)
+    assert [w.split()[0:2] for w in plan.warnings] == [["logical", "batch"], ["noise", "multiplier"],
+                                                       ["noise-to-signal", f"{plan.noise_to_signal:.2f}"]]
+    good = make_spec(training={"rounds": 2, "batch_size": 512}, privacy={"epsilon": 8.0})
+    assert plan_node(good, 5000, trainable_parameters(good)).warnings == []

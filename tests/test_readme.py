@@ -152,6 +152,8 @@ def test_readme_walkthrough(tmp_path):
             nodes[name] = w.spawn("fedtrain node start", owner, {"hospital-a": name})
 
         w.export(consortium)
+        plan = w.run("fedtrain job plan", consortium)
+        assert "5,000" in plan and "σ·C / batch" in plan
         job_id = w.run("fedtrain job submit", consortium).split()[-1]
         operator = load_identity(consortium / "pki" / "alice", "operator")
         with CoordinatorClient(f"127.0.0.1:{port}", operator) as client:

@@ -33,6 +33,20 @@ def test_spec_rejects_inconsistent_models_and_columns():
     assert make_spec(model={"kind": "mlp", "hidden": [4096] * 2})
 
 
+@pytest.mark.parametrize("training, error", [
+    ({"optimizer": "adam", "momentum": 0.9}, "momentum is sgd's"),
+    ({"optimizer": "adam", "weight_decay": 0.01}, "weight_decay is adamw's"),
+    ({"optimizer": "adamw", "weight_decay": 3.0, "learning_rate": 0.5}, "learning_rate \\* weight_decay"),
+    ({"optimizer": "adam", "betas": [0.99, 0.9]}, "beta1² must be below beta2"),
+    ({"optimizer": "rmsprop"}, "optimizer"),
+])
+def test_the_spec_refuses_optimizer_settings_that_do_not_fit(training, error):
+    with pytest.raises(SpecError, match=error):
+        make_spec(training=training)
+    assert make_spec(training={"optimizer": "adamw", "weight_decay": 0.01, "betas": [0.8, 0.99]}).training.betas == (
+        0.8, 0.99)
+
+
 def test_spec_hash_is_canonical(tmp_path):
     spec = make_spec()
     path = tmp_path / "job.yaml"

@@ -15,7 +15,7 @@ from fedtrain.models import initial_state, load_dataset
 from fedtrain.node import dp_sgd
 from fedtrain.node.round import PrivateRound
 from fedtrain.node.training import training_device
-from fedtrain.privacy.accounting import batches_per_epoch
+from fedtrain.privacy.accounting import RoundPlan, batches_per_epoch
 
 from conftest import llm_spec, make_spec, sentences, write_texts
 
@@ -55,11 +55,11 @@ def train(spec, data):
 
 
 def test_physical_batches_take_the_same_steps_and_noise_as_the_logical_batch(rows, fixed_secrets, monkeypatch):
-    spec = make_spec(model={"kind": "mlp", "hidden": [16]}, training={"batch_size": 128, "local_epochs": 2})
+    hooks = {"batch_size": 128, "local_epochs": 2, "grad_sample_mode": "hooks"}  # physical_sizes records loss_fn
+    spec = make_spec(model={"kind": "mlp", "hidden": [16]}, training=hooks)
     whole_plan, whole = train(spec, rows)
     sizes = physical_sizes(monkeypatch)
-    split = make_spec(model={"kind": "mlp", "hidden": [16]},
-                      training={"batch_size": 128, "local_epochs": 2, "physical_batch_size": 16})
+    split = make_spec(model={"kind": "mlp", "hidden": [16]}, training={**hooks, "physical_batch_size": 16})
     split_plan, parts = train(split, rows)
     assert split_plan == whole_plan and whole_plan.steps == 2 * batches_per_epoch(len(rows), 128)
     assert max(sizes) <= 16 and len(sizes) > 2 * whole_plan.steps  # it really split them
@@ -68,9 +68,10 @@ def test_physical_batches_take_the_same_steps_and_noise_as_the_logical_batch(row
 
 
 def test_ghost_clipping_gives_the_update_of_per_example_gradients(rows, fixed_secrets):
-    hooks = make_spec(model={"kind": "mlp", "hidden": [32, 32]}, privacy={"max_grad_norm": 0.5})
+    hooks = make_spec(model={"kind": "mlp", "hidden": [32, 32]}, privacy={"max_grad_norm": 0.5},
+                      training={"grad_sample_mode": "hooks"})
     ghost = make_spec(model={"kind": "mlp", "hidden": [32, 32]}, privacy={"max_grad_norm": 0.5},
-                      training={"grad_sample_mode": "ghost"})
+                      training={"grad_sample_mode": "ghost", "physical_batch_size": 8})
     (plan_h, update_h), (plan_g, update_g) = train(hooks, rows), train(ghost, rows)
     assert plan_h == plan_g
     start = initial_state(hooks)
@@ -102,7 +103,8 @@ def test_bf16_on_lora_layers_trains_the_planned_round(tiny_llama, tmp_path):
 
 def test_an_empty_shard_still_takes_every_noise_step_in_each_mode(rows, fixed_secrets):
     empty = TensorDataset(*(t[:0] for t in rows.tensors))
-    for training in ({"physical_batch_size": 8}, {"grad_sample_mode": "ghost"}):
+    for training in ({"grad_sample_mode": "hooks", "physical_batch_size": 8}, {"grad_sample_mode": "ghost"},
+                     {"optimizer": "adam", "physical_batch_size": 8}):
         spec = make_spec(training=training)
         private = PrivateRound(spec, 150)  # the policy's declared size, whatever the rows
         update = private.train(empty, initial_state(spec))
@@ -120,6 +122,13 @@ def test_bf16_autocast_runs_the_forward_pass_in_bf16_and_keeps_weights_in_float3
     _, update = train(make_spec(training={"precision": "bf16"}), rows)
     assert seen and set(seen) == {torch.bfloat16}
     assert all(a.dtype == np.float32 for a in update.values())
+
+
+def test_auto_takes_ghost_clipping_for_tabular_models_and_hooks_for_adapters(tiny_llama):
+    assert dp_sgd.grad_sample_mode(make_spec(model={"kind": "mlp", "hidden": [8]})) == "ghost"
+    assert dp_sgd.grad_sample_mode(make_spec()) == "ghost"
+    assert dp_sgd.grad_sample_mode(llm_spec(tiny_llama)) == "hooks"
+    assert dp_sgd.grad_sample_mode(make_spec(training={"grad_sample_mode": "hooks"})) == "hooks"
 
 
 def test_the_device_is_what_the_job_asks_and_the_policy_allows():
@@ -164,3 +173,63 @@ def test_a_physical_batch_larger_than_the_logical_one_is_a_spec_error():
 
     with pytest.raises(SpecError, match="physical_batch_size"):
         make_spec(training={"batch_size": 16, "physical_batch_size": 32})
+
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def inner_steps(monkeypatch, spec, data, plan=None):
+    """(the plan trained under, the gradient the job's own torch optimizer saw at each of its steps)."""
+    cls, grads = OPTIMIZERS[spec.training.optimizer], []
+    real = cls.step
+
+    def recording(self, *args, **kwargs):
+        grads.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]).clone())
+        return real(self, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(cls, "step", recording)
+        private = PrivateRound(spec, len(data))
+        private.plan = plan or private.plan
+        private.train(data, initial_state(spec))
+    return private.plan, grads
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_dp_adam_steps_only_on_the_privatised_gradient(rows, fixed_secrets, monkeypatch, optimizer):
+    """Opacus wraps the job's optimizer: each Adam step sees the clipped, summed, noised gradient,
+    once per logical batch (physical batches only accumulate), and the accountant records
+    those steps (``train_round`` checks its history against the plan)."""
+    extra = {"weight_decay": 0.01} if optimizer == "adamw" else {}
+    training = {"optimizer": optimizer, "learning_rate": 0.01, "physical_batch_size": 8, **extra}
+    plan, adam = inner_steps(monkeypatch, make_spec(training=training), rows)
+    _, sgd = inner_steps(monkeypatch, make_spec(), rows)
+    assert len(adam) == len(sgd) == plan.steps
+    # The same seeds draw the same batch and noise: the first step's gradient is SGD's, bit for bit.
+    torch.testing.assert_close(adam[0], sgd[0], rtol=0, atol=1e-6)
+
+    # Without noise and with every row in every batch, a privatised gradient is a mean of
+    # per-example gradients clipped to C: its norm is at most C, far below the raw gradient's.
+    c = 0.01
+    spec = make_spec(training={**training, "batch_size": len(rows), "local_epochs": 3},
+                     privacy={"max_grad_norm": c})
+    quiet = PrivateRound(spec, len(rows)).plan
+    plan, grads = inner_steps(monkeypatch, spec, rows, RoundPlan(0.0, quiet.sample_rate, quiet.steps))
+    assert plan.sample_rate == 1 and len(grads) == 3
+    assert all(0.5 * c < g.norm() <= c * (1 + 1e-5) for g in grads)
+
+
+def test_peak_memory_falls_with_the_physical_batch(tmp_path):
+    """Per-example gradients (hooks) of a logical batch of 1,024 rows of a 256-256-2 MLP hold
+    1,024 x 66k floats (272 MB) at once; physical batches of 64 hold a sixteenth of that."""
+    from bench.measure import node_round_rss
+    from fedtrain.data import write_table
+
+    features = [f"f{i}" for i in range(256)]
+    rng = np.random.default_rng(0)
+    shard = tmp_path / "rows.csv"
+    write_table(shard, features, rng.normal(size=(1024, 256)), "y", rng.integers(0, 2, 1024))
+    job = {"model": {"kind": "mlp", "hidden": [256]}, "data": {"features": features, "label": "y"}}
+    training = {"rounds": 1, "batch_size": 1024, "grad_sample_mode": "hooks"}
+    whole = node_round_rss(make_spec(**job, training=training), shard, tmp_path)
+    split = node_round_rss(make_spec(**job, training={**training, "physical_batch_size": 64}), shard, tmp_path)
+    assert whole - split > 150 * 2**20, (whole, split)

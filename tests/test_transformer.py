@@ -12,8 +12,8 @@ from fedtrain.models import (
     loss_fn, trainable_state,
 )
 from fedtrain.models.transformer import BaseModelMismatch, weights_digest
-from fedtrain.privacy.accounting import plan_round
-from fedtrain.node.dp_sgd import expected_batch_size, train_private
+from fedtrain.privacy.accounting import expected_batch_size, plan_round
+from fedtrain.node.dp_sgd import train_private
 from fedtrain.spec import parse_job_spec
 
 from conftest import llm_spec, sentences, write_texts

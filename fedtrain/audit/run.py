@@ -16,24 +16,22 @@ import dataclasses
 import secrets
 import tempfile
 import time
-import uuid
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from flwr.app import Message, MetricRecord, RecordDict
 from pydantic import BaseModel
 from torch.utils.data import TensorDataset
 
 from fedtrain.audit import canaries as canary_lib
 from fedtrain.data import DataCheck, read_arrow, write_arrow
 from fedtrain.errors import SpecError
+from fedtrain.node.dp_sgd import LocalUpdate
 from fedtrain.node.round import PrivateRound
 from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.privacy.one_run import epsilon_lower_bound
-from fedtrain.protocol.records import arrays_to_numpy, numpy_to_arrays, with_message_id
+from fedtrain.simulation import LocalGrid, play_the_server
 from fedtrain.spec import JobSpec
 
 CONFIDENCE = 0.95
@@ -65,13 +63,12 @@ def default_guesses(m: int) -> int:
     return r - r % 2
 
 
-class _AuditGrid:
-    """The nodes of the audit as a Flower grid: each message is answered at once by that
-    node's ``PrivateRound``, with the reply a node agent sends (its update and public metrics).
+class _AuditGrid(LocalGrid):
+    """The nodes of the audit (see ``LocalGrid``), keeping what the white-box score needs.
 
-    For the white-box score it keeps, each round, node 0's update and two references: node 0's
-    round run again from the same start on its real rows alone, once without noise and once
-    with it, as the node would run it. Update minus the noise-free reference is the canaries'
+    Each round it keeps node 0's update and two references: node 0's round run again from
+    the same start on its real rows alone, once without noise and once with it, as the node
+    would run it. Update minus the noise-free reference is the canaries'
     pull plus the noise: the real data's pull on each canary's column, which would drown the
     canaries, cancels. The noisy reference minus the noise-free one is a fresh draw of the
     node's noise: an honest node's noise is independent of it, but a node whose noise repeats
@@ -81,11 +78,9 @@ class _AuditGrid:
 
     def __init__(self, spec: JobSpec, datasets: list[TensorDataset], real0: TensorDataset, declared: list[int],
                  disable_noise: bool):
-        self.spec = spec
-        self.datasets = datasets
+        super().__init__(spec, datasets, declared)
         self.real0 = real0
         self.rounds: list[canary_lib.Observed] = []
-        self.private = [PrivateRound(spec, n) for n in declared]
         if disable_noise:  # test-only: the plan is the spec's but with σ = 0 (no DP at all)
             for p in self.private:
                 p.plan = _noiseless(p.plan)
@@ -93,40 +88,16 @@ class _AuditGrid:
         self.reference = PrivateRound(spec, declared[0])
         self.reference.plan = _noiseless(self.reference.plan)
 
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, len(self.datasets) + 1))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            i = msg.metadata.dst_node_id - 1
-            start = arrays_to_numpy(msg.content["arrays"])
-            private = self.private[i]
-            update = private.train(self.datasets[i], start)
-            if i == 0:
-                self.rounds.append(canary_lib.Observed(
-                    start=start, update=update.arrays, reference=self.reference.train(self.real0, start).arrays,
-                    noisy_reference=self.noisy_reference.train(self.real0, start).arrays,
-                    noise_multiplier=private.plan.noise_multiplier))
-            content = RecordDict({"arrays": numpy_to_arrays(update.arrays),
-                                  "metrics": MetricRecord(private.metrics(num_examples=True))})
-            replies.append(Message(content, reply_to=with_message_id(msg, uuid.uuid4().hex)))
-        return replies
+    def trained(self, node: int, start: dict[str, np.ndarray], update: LocalUpdate) -> None:
+        if node == 0:
+            self.rounds.append(canary_lib.Observed(
+                start=start, update=update.arrays, reference=self.reference.train(self.real0, start).arrays,
+                noisy_reference=self.noisy_reference.train(self.real0, start).arrays,
+                noise_multiplier=self.private[0].plan.noise_multiplier))
 
 
 def _noiseless(plan: RoundPlan) -> RoundPlan:
     return dataclasses.replace(plan, noise_multiplier=0.0)
-
-
-def _play_the_server() -> None:
-    """Flower stamps messages with a process-wide task identity; outside a Flower app (and a
-    coordinator, which sets the same) the audit plays the server's role, as the coordinator does."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    try:
-        TaskIdentity.run_id
-    except RuntimeError:
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def run_audit(spec: JobSpec, table: Path, *, nodes: int = 3, canaries: int, guesses: int | None = None,
@@ -174,7 +145,7 @@ def run_audit(spec: JobSpec, table: Path, *, nodes: int = 3, canaries: int, gues
     declared = [len(p) for p in parts]
     declared[0] += canaries // 2
 
-    _play_the_server()
+    play_the_server()
     grid = _AuditGrid(spec, datasets, real0, declared, disable_noise)
     final: dict[str, np.ndarray] = {}
 

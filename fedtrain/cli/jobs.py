@@ -11,7 +11,7 @@ from rich.table import Table
 from fedtrain.cli.client import CoordinatorClient
 from fedtrain.cli.options import COORDINATOR, INSECURE, ROUND, TLS_DIR, identity_option
 from fedtrain.cli.views import decisions_table, follow, status_table
-from fedtrain.console import console
+from fedtrain.console import console, err_console
 from fedtrain.errors import FedtrainError
 from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.spec import job_spec_from_json
@@ -39,6 +39,43 @@ def job_submit(
             status = follow(client, job_id)
             if status.state != "finished":
                 raise typer.Exit(1)
+
+
+@app.command("plan")
+def job_plan(
+    spec_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="The job spec (YAML)."),
+    examples: list[int] = typer.Option(..., "--examples", min=1,
+                                       help="A node's dataset size (its policy's dataset_size); repeat for several."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON list, one object per size."),
+) -> None:
+    """Print, for each node size, the DP plan a node will train and charge under: noise multiplier,
+    sample rate, expected logical batch, steps, the noise per coordinate (σ·C / batch) and
+    against the signal (σ·√d / batch, d trainable parameters) and the job's ε, with a warning
+    for each regime known to give poor accuracy. Needs no coordinator."""
+    from fedtrain.privacy.planning import plan_node, trainable_parameters
+    from fedtrain.spec import load_job_spec
+
+    spec = load_job_spec(spec_path)
+    trainable = trainable_parameters(spec)
+    plans = [plan_node(spec, n, trainable) for n in examples]
+    if as_json:
+        print(json.dumps([p.model_dump() for p in plans]))
+        return
+    table = Table(title=f"DP plan of {spec.name}: {spec.training.rounds} round(s), ε = {spec.privacy.epsilon:g},"
+                        f" δ = {spec.privacy.delta:g}, C = {spec.privacy.max_grad_norm:g},"
+                        f" d = {'?' if trainable is None else f'{trainable:,}'} trainable parameters")
+    for col in ("examples", "σ", "sample rate", "batch", "steps/round", "steps", "σ·C / batch", "σ·√d / batch", "ε"):
+        table.add_column(col, justify="right")
+    for p in plans:
+        table.add_row(f"{p.examples:,}", f"{p.noise_multiplier:.3f}", f"{p.sample_rate:.4g}", f"{p.expected_batch:,}",
+                      f"{p.steps_per_round:,}", f"{p.total_steps:,}", f"{p.noise_std:.3g}",
+                      "?" if p.noise_to_signal is None else f"{p.noise_to_signal:.3g}", f"{p.epsilon:.3f}")
+    console.print(table)
+    if trainable is None:
+        err_console.print("the base model is not on this machine: no noise-to-signal (σ·√d / batch)")
+    for p in plans:
+        for warning in p.warnings:
+            err_console.print(f"[yellow]warning[/yellow] ({p.examples:,} examples): {warning}")
 
 
 @app.command("status")

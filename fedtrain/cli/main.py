@@ -46,9 +46,9 @@ def demo(out: Path = typer.Option(None, help="Directory for report.json, report.
 
         run_llm_demo(out or Path("out/demo-llm"), rounds=rounds or 2, epsilon=epsilon or 8.0)
     elif text:
-        from fedtrain.demos.text import run_text_demo
+        from fedtrain.demos.text import ROUNDS, run_text_demo
 
-        run_text_demo(out or Path("out/demo-text"), rounds=rounds or 4, epsilon=epsilon or 8.0)
+        run_text_demo(out or Path("out/demo-text"), rounds=rounds or ROUNDS, epsilon=epsilon or 8.0)
     else:
         from fedtrain.demos.tabular import run_demo
 

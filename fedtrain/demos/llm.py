@@ -85,11 +85,11 @@ def run_llm_demo(out: Path, rounds: int = 2, epsilon: float = 8.0, per_node: int
     )
     zero_shot = dict(status.rounds[0].metrics)  # round 0: the base with a fresh (zero) adapter
     console.print("training the same LoRA centrally without DP, for the baseline")
-    central = centralized_lora(spec, shards, test, LR_PLAIN)
+    central = centralized_lora(spec, shards, test, learning_rate=LR_PLAIN)
     # The coordinator's own report holds what the model answers to its first evaluation prompts.
     examples = json.loads((Path(status.report_path).parent / "report.json").read_text())["examples"]
     report = write_demo_report(out, spec, job_id, status, nodes, {"centralized": central, "zero_shot": zero_shot},
-                               f"tweet sentiment, SmolLM2-135M-Instruct + DP-LoRA, {len(NODES)} nodes",
+                               f"tweet sentiment, SmolLM2-135M-Instruct + DP-LoRA, {len(NODES)} nodes", test_size,
                                {"examples": examples, "sizes": {"pairs_per_node": per_node, "test_pairs": test_size,
                                                                 "logical_batch": batch_size}})
     for e in examples:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -171,9 +172,15 @@ def run_local_job(out: Path, spec: JobSpec, shards: dict[str, Path],
     }, model
 
 
+def standard_error(accuracy: float, examples: int) -> float:
+    """The binomial standard error of an accuracy measured on ``examples`` held-out rows."""
+    return math.sqrt(accuracy * (1 - accuracy) / examples)
+
+
 def write_demo_report(out: Path, spec: JobSpec, job_id: str, status: pb.JobStatus, nodes: dict,
-                      baselines: dict[str, dict], title: str, extra: dict | None = None) -> dict:
-    """report.json and report.png, and the tables on the console; ``extra`` goes into report.json."""
+                      baselines: dict[str, dict], title: str, test_size: int, extra: dict | None = None) -> dict:
+    """report.json and report.png, and the tables on the console; ``extra`` goes into report.json.
+    ``test_size``: the held-out rows each accuracy was measured on, for its standard error."""
     report = {
         "job": {"id": job_id, "epsilon": spec.privacy.epsilon, "delta": spec.privacy.delta,
                 "rounds": spec.training.rounds, "nodes": list(nodes)},
@@ -189,6 +196,8 @@ def write_demo_report(out: Path, spec: JobSpec, job_id: str, status: pb.JobStatu
     final = report["rounds"][-1]["accuracy"]
     central = report["centralized"]["accuracy"]
     report["accuracy_ratio"] = final / central if central else None  # a toy run's baseline may get none right
+    report["test_size"] = test_size
+    report["standard_error"] = standard_error(final, test_size)  # of the final accuracy
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "report.png", title)
 
@@ -202,7 +211,8 @@ def write_demo_report(out: Path, spec: JobSpec, job_id: str, status: pb.JobStatu
     console.print(budget)
     others = "".join(f", {name} {b['accuracy']:.4f}" for name, b in baselines.items() if name != "centralized")
     console.print(
-        f"federated DP accuracy {final:.4f} vs centralized non-private {report['centralized']['accuracy']:.4f}"
+        f"federated DP accuracy {final:.4f} ± {report['standard_error']:.4f} (standard error, {test_size} held-out"
+        f" rows) vs centralized non-private {report['centralized']['accuracy']:.4f}"
         f" (ratio {report['accuracy_ratio'] or float('nan'):.3f}){others}"
         f"\nreport: {out / 'report.json'}, {out / 'report.png'}"
     )
@@ -217,4 +227,5 @@ def run_demo(out: Path, rounds: int = 5, epsilon: float = 3.0) -> dict:
     job_id, status, nodes, _ = run_local_job(
         out, spec, dict(zip(NODES, shards)), {"max_epsilon": 10.0, "delta": 1e-5, "max_rounds_per_job": 50})
     central = centralized_baseline(spec, shards, test)
-    return write_demo_report(out, spec, job_id, status, nodes, {"centralized": central}, "breast cancer, 3 nodes")
+    return write_demo_report(out, spec, job_id, status, nodes, {"centralized": central}, "breast cancer, 3 nodes",
+                             len(load_dataset(test, spec)))

@@ -27,7 +27,7 @@ from fedtrain.models import build_model, example_losses, load_trainable_state, l
 from fedtrain.protocol.codec import manifest_of
 from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.spec import JobSpec
-from fedtrain.node.training import run_epochs, sgd
+from fedtrain.node.training import make_optimizer, run_epochs
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,6 @@ class TrainedRound:
 class LocalUpdate:
     arrays: dict[str, np.ndarray]  # the trained trainable tensors: the only release
     loss: float
-
-
-def expected_batch_size(plan: RoundPlan, dataset_size: int) -> int:
-    """The batch size DP-SGD averages by: public (the declared dataset size times the sample
-    rate), since dividing by a count of the real rows would scale the release by a statistic
-    of the data."""
-    return max(1, round(dataset_size * plan.sample_rate))
 
 
 def _poisson_loader(dataset: TensorDataset, sample_rate: float) -> DataLoader:
@@ -65,12 +58,24 @@ def _poisson_loader(dataset: TensorDataset, sample_rate: float) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
 
+def grad_sample_mode(spec: JobSpec) -> str:
+    """How Opacus finds per-example gradient norms for ``spec``: its ``training.grad_sample_mode``,
+    where auto means ghost clipping for the tabular models, whose dense layers make
+    per-example gradients costly (measured: bench tabular), and hooks for a transformer's
+    adapter, whose per-example gradients are small while ghost clipping's second backward
+    runs through the whole frozen base (bench lora, bench llm)."""
+    mode = spec.training.grad_sample_mode
+    if mode == "auto":
+        return "hooks" if spec.model.kind == "transformer" else "ghost"
+    return mode
+
+
 def train_private(model: nn.Module, dataset: TensorDataset, spec: JobSpec, plan: RoundPlan,
                   batch_size: int, device: torch.device = torch.device("cpu")) -> TrainedRound:
     """Train ``model`` in place for one round of DP-SGD (Poisson sampling, flat clipping).
 
     Every value that steers the round is public: the plan (from the spec and the node's
-    declared dataset size), ``batch_size`` (see :func:`expected_batch_size`) and the spec.
+    declared dataset size), ``batch_size`` (see ``accounting.expected_batch_size``) and the spec.
     FedProx's ``strategy.params.proximal_mu`` > 0 adds its proximal pull towards the
     round's starting weights after each noisy step: it does not touch the data, so it is
     post-processing and costs no privacy. ``training.physical_batch_size`` splits each
@@ -81,7 +86,8 @@ def train_private(model: nn.Module, dataset: TensorDataset, spec: JobSpec, plan:
     trainable = [p for p in model.parameters() if p.requires_grad]
     global_weights = [p.detach().clone() for p in trainable]
     proximal_mu = float(spec.strategy.params.get("proximal_mu", 0.0)) if spec.strategy.name == "fedprox" else 0.0
-    ghost = training.grad_sample_mode == "ghost"
+    mode = grad_sample_mode(spec)
+    ghost = mode == "ghost"
     # Noise and batch sampling must be unpredictable. Opacus's secure_mode needs torchcsprng
     # (no build for this torch), so both RNGs are seeded from the OS's CSPRNG instead;
     # the Poisson sampler draws from the process's RNG, forked so that no caller's RNG moves.
@@ -92,13 +98,13 @@ def train_private(model: nn.Module, dataset: TensorDataset, spec: JobSpec, plan:
         # Ghost mode also returns a criterion wrapper, which our own loss replaces (below).
         dp_model, optimizer, *_, dp_loader = engine.make_private(
             module=model,
-            optimizer=sgd(model, training),
+            optimizer=make_optimizer(model, training),
             data_loader=_poisson_loader(dataset, plan.sample_rate),
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=spec.privacy.max_grad_norm,
             poisson_sampling=False,
             noise_generator=torch.Generator(device).manual_seed(secrets.randbits(63)),
-            grad_sample_mode=training.grad_sample_mode,
+            grad_sample_mode=mode,
         )
         optimizer.expected_batch_size = batch_size
         lr = training.learning_rate

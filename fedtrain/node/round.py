@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedtrain.node.dp_sgd import LocalUpdate, expected_batch_size, train_round
-from fedtrain.privacy.accounting import plan_round
+from fedtrain.node.dp_sgd import LocalUpdate, train_round
+from fedtrain.privacy.accounting import expected_batch_size, plan_round
 from fedtrain.spec import JobSpec
 
 if TYPE_CHECKING:

@@ -87,8 +87,14 @@ def run_epochs(
     return (total / seen if seen else float("nan")), steps
 
 
-def sgd(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
+    """A fresh optimizer of ``spec.optimizer`` over the trainable parameters (Opacus wraps it
+    for DP training, so that it steps on the privatised gradient only)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.learning_rate, betas=spec.betas)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.learning_rate, betas=spec.betas, weight_decay=spec.weight_decay)
     return torch.optim.SGD(params, lr=spec.learning_rate, momentum=spec.momentum)
 
 
@@ -96,6 +102,6 @@ def train_plain(model: nn.Module, dataset: Dataset, spec: TrainingSpec, epochs: 
                 loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
                 device: torch.device = torch.device("cpu")) -> float:
     """Non-private training, used for centralized baselines (and the bench) only."""
-    loss, _ = run_epochs(model.to(device), sgd(model, spec), loader(dataset, spec.batch_size), epochs, loss_fn,
+    loss, _ = run_epochs(model.to(device), make_optimizer(model, spec), loader(dataset, spec.batch_size), epochs, loss_fn,
                          device=device, precision=spec.precision)
     return loss

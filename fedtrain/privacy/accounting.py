@@ -39,6 +39,13 @@ def batches_per_epoch(num_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(num_examples / batch_size))
 
 
+def expected_batch_size(plan: RoundPlan, dataset_size: int) -> int:
+    """The batch size DP-SGD averages by: public (the declared dataset size times the sample
+    rate), since dividing by a count of the real rows would scale the release by a statistic
+    of the data."""
+    return max(1, round(dataset_size * plan.sample_rate))
+
+
 def plan_round(spec: JobSpec, num_examples: int) -> RoundPlan:
     """The noise, sample rate and steps a node uses for each round of ``spec``.
 

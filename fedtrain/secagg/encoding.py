@@ -12,9 +12,10 @@ wire as a float32 one.
 
 The default ``R`` comes from the job's DP-SGD clipping bound ``C``: one step moves a
 coordinate by at most ``lr * C`` through the clipped gradients (``1 / (1 - momentum)``
-times that with momentum), plus Gaussian noise. ``R`` allows 16 such steps per local
-epoch; updates that reach it are clipped, which biases the aggregate but, being
-post-processing of a DP output, costs no privacy.
+times that with momentum), plus Gaussian noise; an Adam step by at most
+``lr * TrainingSpec.adam_move(1)``, the first and each later one by its own bound, noise
+included. ``R`` allows 16 such steps per local epoch; updates that reach it are clipped,
+which biases the aggregate but, being post-processing of a DP output, costs no privacy.
 
 Clipping before weighting is also what lets the coordinator tell a possible sum from an
 impossible one (``check_sum``): honest inputs have weights in ``[1/max_weight, 1]`` and a
@@ -44,8 +45,10 @@ def clip_range(spec: JobSpec) -> float:
     if spec.secure_aggregation.clip_range is not None:
         return spec.secure_aggregation.clip_range
     t = spec.training
-    step = t.learning_rate * spec.privacy.max_grad_norm / (1 - t.momentum)
-    return _STEPS_PER_EPOCH * t.local_epochs * step
+    steps = _STEPS_PER_EPOCH * t.local_epochs
+    if t.optimizer != "sgd":  # Adam's steps are bounded per coordinate, whatever the gradient
+        return t.learning_rate * t.adam_move(steps)
+    return steps * t.learning_rate * spec.privacy.max_grad_norm / (1 - t.momentum)
 
 
 def quant_bits(num_nodes: int) -> int:

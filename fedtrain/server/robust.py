@@ -10,6 +10,9 @@ further than that plan can (:func:`update_bound`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+
+import numpy as np
 
 from fedtrain.errors import WireError
 from fedtrain.privacy.accounting import RoundPlan, plan_round
@@ -45,9 +48,14 @@ def check_plan(spec: JobSpec, plan: RoundPlan) -> None:
             f" {expected.sample_rate:.6g} and noise-multiplier {expected.noise_multiplier:.6g}")
 
 
-def update_bound(spec: JobSpec, plan: RoundPlan, size: int) -> float:
+def update_bound(spec: JobSpec, plan: RoundPlan, start: Mapping[str, np.ndarray]) -> float:
     """The L2 norm by which one honest round of ``plan`` (from :func:`check_plan`) moves
-    ``size`` trainable parameters, at most (but for a chance of about 1e-14).
+    the trainable parameters ``start`` (the global model the node was sent), at most (with
+    SGD, but for a chance of about 1e-14).
+
+    Adam and AdamW normalise each coordinate's step, so each moves by at most
+    lr·``TrainingSpec.adam_move(T)`` over T steps, whatever the data and the noise; AdamW's
+    decoupled decay adds (1 − (1 − lr·wd)^T)·‖start‖. FedProx's pull only shrinks the move.
 
     One DP-SGD step (Opacus, flat clipping to C = ``privacy.max_grad_norm``, Poisson
     batch b_t) moves the parameters by lr·(Σ_{i∈b_t} clipped g_i + z_t)/E, with
@@ -73,6 +81,12 @@ def update_bound(spec: JobSpec, plan: RoundPlan, size: int) -> float:
     """
     training = spec.training
     steps, batch = plan.steps, training.batch_size
+    size = sum(a.size for a in start.values())
+    if training.optimizer != "sgd":
+        lr = training.learning_rate
+        start_norm = math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in start.values()))
+        decay = (1 - (1 - lr * training.weight_decay) ** steps) * start_norm
+        return lr * training.adam_move(steps) * math.sqrt(size) + decay
     k = round(1 / plan.sample_rate)
     smallest_e = max(1, ((k - 1) * batch + 1) // k - 1)
     if k == 1:

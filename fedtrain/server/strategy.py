@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
-    Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy,
+    Bulyan, FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
 )
 
 from fedtrain.errors import SpecError
@@ -106,6 +106,14 @@ class MinNodesFedAdam(MinNodes, FedAdam):
     """FedAdam (Reddi et al., 2021): Adam on the server over the averaged update (``eta``, ``beta_1``...)."""
 
 
+class MinNodesFedYogi(MinNodes, FedYogi):
+    """FedYogi (Reddi et al., 2021): Adam's server step with Yogi's additive second moment."""
+
+
+class MinNodesFedAdagrad(MinNodes, FedAdagrad):
+    """FedAdagrad (Reddi et al., 2021): Adagrad on the server over the averaged update."""
+
+
 class MinNodesFedMedian(MinNodes, FedMedian):
     """The coordinate-wise median of the updates."""
 
@@ -127,7 +135,8 @@ class MinNodesBulyan(MinNodes, Bulyan):
 
 
 STRATEGIES: dict[str, type[MinNodes]] = {
-    "fedavg": MinNodesFedAvg, "fedprox": MinNodesFedProx, "fedadam": MinNodesFedAdam,
+    "fedavg": MinNodesFedAvg, "fedprox": MinNodesFedProx, "fedadam": MinNodesFedAdam, "fedyogi": MinNodesFedYogi,
+    "fedadagrad": MinNodesFedAdagrad,
     "fedmedian": MinNodesFedMedian, "fedtrimmedavg": MinNodesFedTrimmedAvg, "krum": MinNodesKrum,
     "multikrum": MinNodesMultiKrum, "bulyan": MinNodesBulyan,
 }
