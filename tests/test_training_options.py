@@ -204,7 +204,7 @@ def test_dp_adam_steps_only_on_the_privatised_gradient(rows, fixed_secrets, monk
     plan, adam = inner_steps(monkeypatch, make_spec(training=training), rows)
     _, sgd = inner_steps(monkeypatch, make_spec(), rows)
     assert len(adam) == len(sgd) == plan.steps
-    # The same seeds draw the same batch and noise: the first step's gradient is SGD's, bit for bit.
+    # The same seeds draw the same batch and noise: the first step's gradient is SGD's (to 1e-6).
     torch.testing.assert_close(adam[0], sgd[0], rtol=0, atol=1e-6)
 
     # Without noise and with every row in every batch, a privatised gradient is a mean of
