@@ -16,8 +16,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from fedtrain.cli.options import INSECURE, TLS_DIR, identity_option
-from fedtrain.console import console
+from fedtrain.cli.options import INSECURE, LOG_FORMAT, TLS_DIR, identity_option
+from fedtrain.console import console, err_console
+from fedtrain.logs import LogFormat, configure_logging
 
 app = typer.Typer(help="Run the coordinator that a consortium's nodes connect to.", no_args_is_help=True)
 STATE_DIR = typer.Option(..., "--state-dir", help="Directory for the coordinator's SQLite state (created if missing).")
@@ -46,12 +47,18 @@ def start(
                                        help="Audit each ended job's privacy claim with this many canaries on its"
                                             " evaluation table (`fedtrain audit`); the report shows the bound."
                                             " 0: no audits."),
+    metrics_port: int | None = typer.Option(None, "--metrics-port", min=0,
+                                            help="Serve Prometheus metrics (plain HTTP, no authentication) at"
+                                                 " /metrics on this port; 0 picks a free one. Default: none."),
+    metrics_host: str = typer.Option("127.0.0.1", "--metrics-host",
+                                     help="Address the metrics listen on, with --metrics-port."),
+    log_format: LogFormat = LOG_FORMAT,
 ) -> None:
     """Start the coordinator and serve until SIGINT/SIGTERM.
 
     It serves mutual TLS with the coordinator certificate in --tls-dir: every caller needs a
     certificate from the same CA. The bound address is written to STATE_DIR/coordinator.addr
-    once it is serving.
+    once it is serving (after the metrics' to STATE_DIR/metrics.addr, with --metrics-port).
     """
     from coordinator.service import serve
     from fedtrain.faults import Faults
@@ -59,17 +66,29 @@ def start(
     faults = Faults.from_env()  # FEDTRAIN_FAULT: where jobs hold, for the tests of crashes
     os.umask(0o077)  # all that this process writes (state, reports) is its owner's only
     identity = identity_option(tls_dir, insecure, "coordinator")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s", force=True)
-    logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
+    configure_logging(log_format, "coordinator")
+    log = logging.getLogger("fedtrain.coordinator")
     server, bound, coord = serve(state_dir, host, port, identity=identity, eval_dir=eval_dir, faults=faults,
                                  audit_canaries=audit_canaries)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    try:
+        metrics = None if metrics_port is None else coord.metrics.serve(metrics_host, metrics_port)
+    except OSError as err:  # e.g. the port is taken
+        coord.stop()
+        server.stop(0)
+        raise typer.BadParameter(f"cannot serve metrics on {metrics_host}:{metrics_port}: {err.strerror or err}",
+                                 param_hint="--metrics-port") from None
+    if metrics is not None:
+        (state_dir / "metrics.addr").write_text(f"{metrics_host}:{metrics.server_port}\n")
+        log.info("metrics at http://%s:%d/metrics", metrics_host, metrics.server_port)
     (state_dir / "coordinator.addr").write_text(f"{host}:{bound}\n")
     security = f"mutual TLS as {identity.name}" if identity else "plaintext"
-    console.print(f"coordinator listening on {host}:{bound}, {security} (state in {state_dir})")
+    log.info("listening on %s:%d, %s (state in %s)", host, bound, security, state_dir)
     stop.wait()
+    if metrics is not None:
+        metrics.shutdown()
     coord.stop()
     server.stop(grace=2).wait()
 
@@ -124,6 +143,6 @@ def revoke(name: str = typer.Argument(..., metavar="NODE"), state_dir: Path = ST
     try:
         node = _registry(state_dir).revoke(name)
     except EnrollmentError as err:
-        console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from None
     console.print(f"node {node.name} revoked" + (f" (certificate {node.fingerprint})" if node.fingerprint else ""))

@@ -11,7 +11,7 @@ import numpy as np
 from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.data import TensorDataset
 
-from fedtrain.errors import FedtrainError, SpecError
+from fedtrain.errors import FedtrainError, NotFound, NotReady, SpecError
 from fedtrain.faults import Faults
 from fedtrain.models import initial_state, load_dataset
 from fedtrain.protocol import fedtrain_pb2 as pb
@@ -24,10 +24,15 @@ from fedtrain.storage import private_dir
 from coordinator.db import Database
 from coordinator.job_store import JobStore
 from coordinator.mailbox import Mailbox
+from coordinator.metrics import Metrics
 from coordinator.registry import Registry
 from coordinator.runner import JobRunner
 
 log = logging.getLogger("fedtrain.coordinator")
+
+# How long a cancel waits for its job to stop (abandon its round, write its report) before it
+# answers: within the operator client's 30 s call timeout.
+CANCEL_WAIT_SECONDS = 20.0
 
 
 @functools.lru_cache(maxsize=256)
@@ -56,6 +61,7 @@ class Coordinator:
         self.faults = faults
         self.audit_canaries = audit_canaries
         self.mailbox = Mailbox()
+        self.metrics = Metrics(self.registry, self.job_store)
         self.runners: dict[str, JobRunner] = {}
         # Flower stamps messages with a process-wide task identity; the coordinator plays
         # the server's role in every job.
@@ -80,7 +86,8 @@ class Coordinator:
     def _start(self, job_id: str, spec: JobSpec, strategy: MinNodes,
                eval_data: TensorDataset | None, initial: dict[str, np.ndarray] | None) -> None:
         runner = JobRunner(job_id, spec, strategy, self.job_store, self.registry, self.mailbox,
-                           len(self.runners) + 1, eval_data, initial, on_end=self.write_report, faults=self.faults)
+                           len(self.runners) + 1, eval_data, self.metrics, initial, on_end=self.write_report,
+                           faults=self.faults)
         self.runners[job_id] = runner
         runner.start()
         self.mailbox.wake()
@@ -160,6 +167,7 @@ class Coordinator:
         status = pb.JobStatus(
             job_id=job.id, name=job.name, state=job.state, error=job.error,
             rounds_total=_stored_spec(job.spec_json).training.rounds, spec_json=job.spec_json,
+            approval_wait_seconds=job.approval_wait_seconds,
         )
         report = self.reports / job_id / REPORT_HTML
         if report.exists():
@@ -186,6 +194,21 @@ class Coordinator:
             log.exception("job %s: cannot write its report", job_id)
             return
         log.info("job %s: report written to %s", job_id, path)
+
+    def cancel(self, job_id: str, operator: str) -> pb.JobStatus:
+        """Stop a waiting or running job for ``operator`` (see ``JobRunner.cancel``); its status
+        once it has stopped, or after ``CANCEL_WAIT_SECONDS`` (still stopping, e.g. evaluating)."""
+        if self.job_store.job(job_id) is None:
+            raise NotFound(f"unknown job {job_id!r}; `fedtrain job status` lists jobs")
+        runner = self.runners.get(job_id)
+        if runner is None or not runner.cancel(operator):
+            if runner is not None:
+                runner.join(CANCEL_WAIT_SECONDS)  # an ending job is storing its state
+            raise NotReady(f"job {job_id} has already ended ({self.job_store.job(job_id).state}); only a waiting"
+                           " or running job can be cancelled")
+        self.mailbox.wake()  # a round or a wait for nodes in progress notices now
+        runner.join(CANCEL_WAIT_SECONDS)
+        return self.job_status(job_id)
 
     def stop(self) -> None:
         for runner in self.runners.values():

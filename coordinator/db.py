@@ -43,13 +43,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     spec_json TEXT NOT NULL,
     state TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    -- From created_at until the first task went out: the wait for nodes (and owners) to accept.
+    approval_wait_seconds REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS job_nodes (
     job_id TEXT NOT NULL REFERENCES jobs(id),
     node_id INTEGER NOT NULL REFERENCES nodes(id),
     decision TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
+    told_ended INTEGER NOT NULL DEFAULT 0,  -- the node has been told that the job ended
     PRIMARY KEY (job_id, node_id)
 );
 CREATE TABLE IF NOT EXISTS rounds (
@@ -87,6 +90,8 @@ _ADDED_COLUMNS = (
     ("nodes", "revoked_at", "REAL"),
     ("rounds", "skipped", "TEXT NOT NULL DEFAULT ''"),
     ("checkpoints", "strategy_state", "BLOB"),
+    ("jobs", "approval_wait_seconds", "REAL NOT NULL DEFAULT 0"),
+    ("job_nodes", "told_ended", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 

@@ -9,6 +9,7 @@ upload. The strategy loop runs unchanged on top.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import threading
 import time
@@ -22,7 +23,7 @@ from flwr.supercore.run import Run
 
 from fedtrain.protocol.records import RESULT_METRICS, arrays_to_numpy, with_message_id
 from fedtrain.protocol import fedtrain_pb2 as pb
-from fedtrain.errors import JobCancelled, WireError
+from fedtrain.errors import JobCancelled, JobNotStarted, WireError
 from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.protocol.codec import Manifest, decode_values, manifest_of, require_finite
 from fedtrain.server.robust import check_plan, update_bound
@@ -30,15 +31,17 @@ from fedtrain.spec import JobSpec
 from coordinator.job_store import JobStore
 from coordinator.mailbox import Mailbox, Task
 
+log = logging.getLogger("fedtrain.coordinator")
+
 # A node counts as connected while it has polled within this many seconds.
 NODE_LIVENESS_SECONDS = 30.0
 # How long a round waits for connected nodes to decide on the job's offer. A node registers
 # before it loads torch and Opacus, so a just-started one needs that time too (about 10 s
 # with three starting at once on 2 cores); the wait ends as soon as no node is undecided.
 DECISION_GRACE_SECONDS = 30.0
-# How long ``get_node_ids`` waits for min_nodes nodes to have accepted, before it lets
-# Flower's sampler wait (in steps of 1 s) and ask again.
-NODES_WAIT_SECONDS = 5.0
+
+# A node's decision on a job's offer ("" if not offered yet), as a job's start failure names it.
+_STANDING = {"pending_approval": "awaiting their owner's approval", "offered": "no answer"}
 
 
 def check_update(spec: JobSpec, sent: dict[str, np.ndarray], header: pb.ResultHeader,
@@ -79,7 +82,11 @@ class NetworkGrid(Grid):
         self.mailbox = mailbox
         self.cancelled = cancelled
         self._run = Run.create_empty(run_id)
-        self._running = False  # the job has been marked running (by its first task)
+        # The job has sent its first task (a resumed job has). Until then it must find its
+        # nodes by the start deadline; ``started_at`` is when it did (monotonic).
+        self._running = jobs.job(job_id).state != "waiting"
+        self._start_deadline = time.monotonic() + spec.start_timeout
+        self.started_at = -math.inf
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -94,32 +101,50 @@ class NetworkGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        """The job's connected nodes that accepted it.
+        """The job's connected nodes that accepted it, once there are ``min_nodes`` of them.
 
         Flower sizes a round by the nodes available when it asks, so a round that starts while
         connected nodes are still deciding on the offer would leave them out: they get
-        ``DECISION_GRACE_SECONDS`` to answer first. Flower's sampler then waits in steps of 1 s
-        while fewer than ``min_nodes`` are available; this waits up to ``NODES_WAIT_SECONDS`` for
-        them first, woken as soon as a node polls or answers, so a round starts when they are in.
+        ``DECISION_GRACE_SECONDS`` to answer first. While fewer than ``min_nodes`` have accepted,
+        this waits, woken as soon as a node polls or answers, and logs where the nodes stand
+        (Flower's own wait would log them as the nodes "connected", misleadingly). A job that has not
+        started fails with ``JobNotStarted`` at its ``start_timeout``.
         """
-        start = time.monotonic()
+        start, logged = time.monotonic(), ""
         while True:
             since = self.mailbox.node_changes()
             # Flower's sampler polls this while it waits for enough nodes; cancellation
             # has to reach into that loop from here.
             if self.cancelled.is_set():
                 raise JobCancelled(f"job {self.job_id} was cancelled")
+            if not self._running and time.monotonic() >= self._start_deadline:
+                raise JobNotStarted(f"fewer than min_nodes={self.spec.min_nodes} nodes accepted the job within its"
+                                    f" start_timeout of {self.spec.start_timeout:g} s: {self.standing()}")
             seen_since = time.time() - NODE_LIVENESS_SECONDS
-            waited = time.monotonic() - start
-            if self.jobs.undecided_nodes(self.job_id, seen_since) and waited < DECISION_GRACE_SECONDS:
-                remaining = DECISION_GRACE_SECONDS - waited
-            else:
-                accepted = self.jobs.accepted_nodes(self.job_id, seen_since)
-                if len(accepted) >= self.spec.min_nodes or waited >= NODES_WAIT_SECONDS:
-                    return accepted
-                remaining = NODES_WAIT_SECONDS - waited
+            accepted = self.jobs.accepted_nodes(self.job_id, seen_since)
+            if len(accepted) < self.spec.min_nodes:
+                if (standing := self.standing()) != logged:  # each change once, not every second
+                    log.info("job %s waits for min_nodes=%d nodes to accept it: %s", self.job_id,
+                             self.spec.min_nodes, standing)
+                    logged = standing
+            elif (time.monotonic() - start >= DECISION_GRACE_SECONDS
+                  or not self.jobs.undecided_nodes(self.job_id, seen_since)):
+                return accepted
             # Woken by a node's change; a node that stops polling only ages out, hence the bound.
-            self.mailbox.wait_nodes(since, min(remaining, 1.0))
+            self.mailbox.wait_nodes(since, 1.0)
+
+    def standing(self) -> str:
+        """Where the job's nodes stand on its offer, e.g. "refused: n0 (budget-exceeded); no answer: n1;
+        accepted: n2", with each refusal's typed reason."""
+        groups: dict[str, list[str]] = {}
+        for name, decision, reason, connected in self.jobs.node_standing(
+                self.job_id, time.time() - NODE_LIVENESS_SECONDS):
+            if not connected and decision in ("", "accepted"):  # the others stand by their answer
+                what = "accepted, then disconnected" if decision else "not connected"
+            else:
+                what = _STANDING.get(decision, decision or "not offered yet")
+            groups.setdefault(what, []).append(f"{name} ({reason})" if decision == "refused" else name)
+        return "; ".join(f"{what}: {', '.join(names)}" for what, names in groups.items()) or "no nodes registered"
 
     def post(self, msg: Message, arrays: dict[str, np.ndarray], expect: Manifest, accept: Callable,
              secagg: pb.SecAggRequest | None = None) -> str:
@@ -132,6 +157,7 @@ class NetworkGrid(Grid):
         if not self._running:
             self.jobs.mark_running(self.job_id)
             self._running = True
+            self.started_at = time.monotonic()
         return task_id
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -152,10 +178,13 @@ class NetworkGrid(Grid):
         return self.mailbox.collect(message_ids)
 
     def exchange(self, task_ids: set[str], timeout: float | None) -> list[Message]:
-        """Wait for the replies to ``task_ids``; the tasks still unanswered expire."""
-        self.mailbox.wait_replies(task_ids, timeout)
+        """Wait for the replies to ``task_ids``; the tasks still unanswered expire. A cancelled job
+        abandons the exchange (JobCancelled): its nodes find their tasks closed."""
+        self.mailbox.wait_replies(task_ids, timeout, self.cancelled)
         replies = self.mailbox.collect(task_ids)
         self.mailbox.expire(task_ids)
+        if self.cancelled.is_set():
+            raise JobCancelled(f"job {self.job_id} was cancelled")
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:

@@ -15,7 +15,9 @@ from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import decode_arrays, encode_arrays
 from coordinator.db import Database
 
-_JOB_COLUMNS = "id, name, spec_json, state, error"
+_JOB_COLUMNS = "id, name, spec_json, state, error, approval_wait_seconds"
+# A job waits for its nodes, runs, and ends finished, failed or cancelled (by an operator).
+JOB_STATES = ("waiting", "running", "finished", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class JobRow:
     spec_json: str
     state: str
     error: str
+    approval_wait_seconds: float  # see JobStore.mark_running
 
 
 class JobStore:
@@ -47,12 +50,17 @@ class JobStore:
     def jobs(self) -> list[JobRow]:
         return [JobRow(*r) for r in self.db.rows(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at")]
 
+    def count_by_state(self) -> dict[str, int]:
+        return dict(self.db.rows("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+
     def set_job_state(self, job_id: str, state: str, error: str = "") -> None:
         self.db.execute("UPDATE jobs SET state = ?, error = ? WHERE id = ?", (state, error, job_id))
 
     def mark_running(self, job_id: str) -> None:
-        """A waiting job has sent its first task; the error text (of skipped rounds) stays."""
-        self.db.execute("UPDATE jobs SET state = 'running' WHERE id = ? AND state = 'waiting'", (job_id,))
+        """A waiting job has sent its first task; the error text (of skipped rounds) stays. The time
+        since its submission is its wait for nodes to accept it (owners' approvals included)."""
+        self.db.execute("UPDATE jobs SET state = 'running', approval_wait_seconds = ? - created_at"
+                        " WHERE id = ? AND state = 'waiting'", (time.time(), job_id))
 
     def active_jobs(self) -> list[JobRow]:
         """Jobs that were waiting or running when the coordinator last stopped."""
@@ -75,6 +83,20 @@ class JobStore:
                             (job.id, node_id))
             return job
 
+    def next_ended(self, node_id: int) -> JobRow | None:
+        """An ended job this node was offered and has not been told about yet; marks it told."""
+        with self.db.lock:
+            rows = self.db.rows(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ('finished', 'failed', 'cancelled') AND id IN"
+                " (SELECT job_id FROM job_nodes WHERE node_id = ? AND told_ended = 0) ORDER BY created_at LIMIT 1",
+                (node_id,),
+            )
+            if not rows:
+                return None
+            job = JobRow(*rows[0])
+            self.db.execute("UPDATE job_nodes SET told_ended = 1 WHERE job_id = ? AND node_id = ?", (job.id, node_id))
+            return job
+
     def forget_unanswered_offers(self, node_id: int) -> None:
         """A (re)started node has lost the offers it never answered: they are offered again."""
         self.db.execute("DELETE FROM job_nodes WHERE node_id = ? AND decision = 'offered'", (node_id,))
@@ -93,6 +115,19 @@ class JobStore:
             " WHERE jn.job_id = ? ORDER BY n.id",
             (job_id,),
         )
+
+    def node_standing(self, job_id: str, seen_since: float) -> list[tuple[str, str, str, bool]]:
+        """(name, decision, reason, connected) of every unrevoked node on the job's offer;
+        decision "" for a node that was never offered it."""
+        return [
+            (name, decision or "", reason or "", bool(connected))
+            for name, decision, reason, connected in self.db.rows(
+                "SELECT n.name, jn.decision, jn.reason, n.last_seen >= ? FROM nodes n"
+                " LEFT JOIN job_nodes jn ON jn.node_id = n.id AND jn.job_id = ? WHERE n.revoked_at IS NULL"
+                " ORDER BY n.id",
+                (seen_since, job_id),
+            )
+        ]
 
     def accepted_nodes(self, job_id: str, seen_since: float) -> list[int]:
         """Connected, unrevoked nodes that accepted the job."""

@@ -107,10 +107,11 @@ class Mailbox:
             self._cond.notify_all()
             return True
 
-    def wait_replies(self, task_ids: set[str], timeout: float | None) -> None:
+    def wait_replies(self, task_ids: set[str], timeout: float | None, stop: threading.Event) -> None:
+        """Wait until every task has its reply, ``timeout`` passes, or ``stop`` is set (and ``wake`` called)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not task_ids <= self._replies.keys():
+            while not task_ids <= self._replies.keys() and not stop.is_set():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return

@@ -135,6 +135,11 @@ class Registry:
     def nodes(self) -> list[NodeRow]:
         return [NodeRow(*r) for r in self.db.rows(f"SELECT {self._NODE_COLUMNS} FROM nodes ORDER BY id")]
 
+    def connected_count(self, seen_since: float) -> int:
+        """Unrevoked nodes seen since ``seen_since`` (``grid.NODE_LIVENESS_SECONDS`` ago: connected)."""
+        return self.db.rows("SELECT COUNT(*) FROM nodes WHERE last_seen >= ? AND revoked_at IS NULL",
+                            (seen_since,))[0][0]
+
     def touch_node(self, node_id: int) -> None:
         """The node is connected now (``grid.NODE_LIVENESS_SECONDS``)."""
         self.db.execute("UPDATE nodes SET last_seen = ? WHERE id = ?", (time.time(), node_id))

@@ -21,6 +21,7 @@ from fedtrain.spec import JobSpec
 from coordinator.grid import NetworkGrid
 from coordinator.job_store import JobStore
 from coordinator.mailbox import Mailbox
+from coordinator.metrics import Metrics
 from coordinator.registry import Registry
 from coordinator.secure_round import SecureGrid
 
@@ -34,23 +35,28 @@ class JobRunner(threading.Thread):
 
     def __init__(
         self, job_id: str, spec: JobSpec, strategy: MinNodes, jobs: JobStore, registry: Registry,
-        mailbox: Mailbox, run_id: int, eval_data: TensorDataset | None,
+        mailbox: Mailbox, run_id: int, eval_data: TensorDataset | None, metrics: Metrics,
         initial: dict[str, np.ndarray] | None = None,
         on_end: Callable[[str, str, str, list[dict[str, str]]], None] = lambda job_id, state, error, examples: None,
         faults: Faults = Faults(),
     ):
         """``strategy``: ``build_strategy(spec)``, which the coordinator built before storing the job.
         ``initial``: a new job's starting model; None resumes the job from its last checkpoint.
-        ``on_end(job_id, state, error, examples)`` is called when the job has finished or failed,
-        just before that state is stored; ``examples``: for a finished instruction-tuning job
-        with evaluation data, what its model answers to the first evaluation prompts.
-        ``faults``: where to hold (the tests of crashes)."""
+        ``on_end(job_id, state, error, examples)`` is called when the job has finished, failed or
+        been cancelled (``cancel``), just before that state is stored; ``examples``: for a finished
+        instruction-tuning job with evaluation data, what its model answers to the first evaluation prompts.
+        ``metrics``: the coordinator's, which count its rounds. ``faults``: where to hold (the tests of crashes)."""
         super().__init__(name=f"job-{job_id}", daemon=True)
         self.job_id = job_id
         self.spec = spec
         self.strategy = strategy
         self.jobs = jobs
+        # Set when the job must stop: an operator cancelled it, or the coordinator stops (it pauses).
         self.cancelled = threading.Event()
+        self._cancelled_by = ""  # the operator who cancelled the job, if one did
+        self._ending = threading.Lock()
+        self._ended = False  # its end state is decided: too late to cancel
+        self._rounds_done = 0
         # Secure aggregation or not is the grid's business: the strategy loop is the same.
         self.grid: NetworkGrid
         if spec.secagg is not None:
@@ -60,6 +66,7 @@ class JobRunner(threading.Thread):
         self.initial = initial
         self.eval_data = eval_data
         self.faults = faults
+        self.metrics = metrics
         self._eval_model: nn.Module | None = None  # built once: a transformer base is large
         self._round_started = time.monotonic()
         self._short_rounds = jobs.skipped_rounds(job_id)
@@ -86,16 +93,32 @@ class JobRunner(threading.Thread):
                 self._eval_model = build_model(self.spec)
             load_trainable_state(self._eval_model, weights)
             metrics = evaluate(self._eval_model, self.eval_data, self.spec)
-        wall = time.monotonic() - self._round_started
-        self.jobs.finish_round(self.job_id, server_round, metrics, wall if server_round else 0.0, weights,
-                               strategy_state(self.strategy), skipped)
+        # A round's time runs from its start, and round 1's (or a resumed job's first) from its
+        # first task: not the wait for nodes to accept the job (``JobStatus.approval_wait_seconds``).
+        wall = time.monotonic() - max(self._round_started, self.grid.started_at) if server_round else 0.0
+        self.jobs.finish_round(self.job_id, server_round, metrics, wall, weights, strategy_state(self.strategy),
+                               skipped)
+        if server_round:  # round 0 is the starting model's checkpoint
+            self.metrics.round_ended(self.job_id, wall, skipped)
         self._round_started = time.monotonic()
+        self._rounds_done = server_round
         log.info("job %s round %d done: %s", self.job_id, server_round, metrics or "(no evaluation data)")
 
     def _retry(self, server_round: int, note: str) -> None:
         log.warning("job %s round %d: %s", self.job_id, server_round, note)
         # Shown by `job status` at once, not only when the job ends.
         self.jobs.set_job_state(self.job_id, "running", self._summary({server_round: note}))
+
+    def cancel(self, operator: str) -> bool:
+        """Stop the job at its next safe point: between rounds, or abandoning the round in progress
+        (its tasks close, see ``NetworkGrid.exchange``; the caller wakes the mailbox). Its rounds
+        stay, and its report is written. False if the job has already ended or is ending."""
+        with self._ending:
+            if self._ended:
+                return False
+            self._cancelled_by = operator
+            self.cancelled.set()
+            return True
 
     def run(self) -> None:
         try:
@@ -104,17 +127,26 @@ class JobRunner(threading.Thread):
                 self._checkpoint(0, weights)
             else:
                 done, weights, state = self.jobs.checkpoint(self.job_id)
+                self._rounds_done = done
                 restore_strategy_state(self.strategy, state)
                 log.info("job %s resumes after round %d", self.job_id, done)
             run_rounds(self.strategy, self.grid, self.spec, weights, done + 1, self._checkpoint, self._retry)
             failed = len(self._short_rounds) == self.spec.training.rounds
             state, error = "failed" if failed else "finished", self._summary()
-        except JobCancelled as err:  # the coordinator is stopping: the job resumes when it is back
-            log.info("job %s paused: %s", self.job_id, err)
-            return
+        except JobCancelled as err:
+            if not self._cancelled_by:  # the coordinator is stopping: the job resumes when it is back
+                log.info("job %s paused: %s", self.job_id, err)
+                return
+            log.info("job %s cancelled by %s after round %d", self.job_id, self._cancelled_by, self._rounds_done)
+            state = "cancelled"
+            error = f"cancelled by {self._cancelled_by} after round {self._rounds_done} of {self.spec.training.rounds}"
+            if skipped := self._summary():
+                error += f"; {skipped}"
         except Exception as err:  # the job fails, the coordinator keeps serving
             log.exception("job %s failed", self.job_id)
             state, error = "failed", f"{type(err).__name__}: {err}"
+        with self._ending:
+            self._ended = True
         examples = []
         if state == "finished" and self.spec.task == "instruction-tuning" and self._eval_model is not None:
             try:

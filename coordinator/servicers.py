@@ -31,6 +31,7 @@ from fedtrain.protocol.records import numpy_to_arrays
 from fedtrain.protocol.tls import fingerprint, role_and_name
 from coordinator.auth import Auth
 from coordinator.control import Coordinator
+from coordinator.mailbox import Task
 
 log = logging.getLogger("fedtrain.coordinator")
 
@@ -138,6 +139,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             job = self.c.job_store.next_offer(request.node_id)
             if job is not None:
                 return pb.PollReply(offer=pb.JobOffer(job_id=job.id, spec_json=job.spec_json))
+            job = self.c.job_store.next_ended(request.node_id)
+            if job is not None:
+                return pb.PollReply(ended=pb.JobEnded(job_id=job.id, state=job.state))
             task = mailbox.take(request.node_id)
             if task is not None:
                 config = {k: v for k, v in task.message.content["config"].items() if not isinstance(v, (list, bytes))}
@@ -175,12 +179,18 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         yield from encode_arrays(task.arrays)
 
     @_typed_errors
+    def TaskOpen(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.TaskState:
+        self.auth.node(context, request.node_id)
+        task = self.c.mailbox.task(request.task_id)
+        return pb.TaskState(open=task is not None and task.node_id == request.node_id)
+
+    @_typed_errors
     def SubmitResult(self, request_iterator, context: grpc.ServicerContext) -> pb.Ack:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise WireError("a result stream must start with a ResultHeader")
         header = first.header
-        self.auth.node(context, header.node_id)
+        node = self.auth.node(context, header.node_id).name
         task = self.c.mailbox.task(header.task_id)
         if task is None or task.node_id != header.node_id:
             raise NotFound(f"no open task {header.task_id!r} for node {header.node_id}"
@@ -209,14 +219,19 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 )
         except WireError as err:
             # The round goes on without this node; the node learns exactly what was wrong.
-            rejected = _bounded(f"rejected by coordinator: {err}")
-            self.c.job_store.record_node_round(task.job_id, task.round, header.node_id, metrics, rejected, nbytes)
-            self.c.mailbox.reply(task.task_id, Message(Error(code=REFUSAL_CODE, reason=rejected), reply_to=task.message))
+            reason = _bounded(f"rejected by coordinator: {err}")
+            self._record(task, node, metrics, reason, nbytes, rejected=True)
+            self.c.mailbox.reply(task.task_id, Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=task.message))
             raise
         if not self.c.mailbox.reply(task.task_id, reply):
             raise AlreadyAnswered(f"task {task.task_id} already has a result")
-        self.c.job_store.record_node_round(task.job_id, task.round, header.node_id, metrics, refusal, nbytes)
+        self._record(task, node, metrics, refusal, nbytes, rejected=False)
         return pb.Ack()
+
+    def _record(self, task: Task, node: str, metrics: dict, refusal: str, nbytes: int, rejected: bool) -> None:
+        """What a node sent for ``task``: stored for `job status` and the report, and counted in the metrics."""
+        self.c.job_store.record_node_round(task.job_id, task.round, task.node_id, metrics, refusal, nbytes)
+        self.c.metrics.result_received(task.job_id, node, nbytes, metrics, rejected)
 
 
 def _in_pool(method: Callable, pool: futures.ThreadPoolExecutor) -> Callable:
@@ -236,7 +251,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def __init__(self, coord: Coordinator, auth: Auth, pool: futures.ThreadPoolExecutor):
         self.c = coord
         self.auth = auth
-        for name in ("SubmitJob", "GetJob", "ListJobs", "FetchModel"):
+        for name in ("SubmitJob", "GetJob", "ListJobs", "FetchModel", "CancelJob"):
             setattr(self, name, _in_pool(getattr(self, name), pool))
 
     @_typed_errors
@@ -256,6 +271,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsReply:
         self.auth.certificate(context, "operator")
         return pb.ListJobsReply(jobs=[self.c.job_status(j.id) for j in self.c.job_store.jobs()])
+
+    @_typed_errors
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.JobStatus:
+        cert = self.auth.certificate(context, "operator")
+        operator = "an operator" if cert is None else f"operator {role_and_name(cert)[1]}"
+        return self.c.cancel(request.job_id, operator)
 
     @_typed_errors
     def FetchModel(self, request: pb.GetJobRequest, context: grpc.ServicerContext):

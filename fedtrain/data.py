@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedtrain.errors import SpecError
+from fedtrain.sources import DatabaseSource, DataSource
 from fedtrain.spec import DataSpec, InstructionDataSpec, TextDataSpec
 
 
@@ -56,48 +58,49 @@ def note_problem(check: DataCheck | None, message: str) -> None:
     check.add(message)
 
 
-def load_table(path: str | Path, spec: DataSpec, num_classes: int, check: DataCheck | None = None) -> Table:
-    """Read ``spec``'s columns from a CSV file and scale them with the spec's public constants.
+def load_table(path: DataSource | str, spec: DataSpec, num_classes: int, check: DataCheck | None = None) -> Table:
+    """Read ``spec``'s columns from a node's table (a file or a database) and scale them with
+    the spec's public constants.
 
     Without ``check`` the first problem raises, naming the bad cell; with it, bad rows are skipped.
     """
-    path = Path(path)
+    columns = _read_columns_or_note(path, [*spec.features, spec.label], check)
     xs: list[list[float]] = []
     ys: list[int] = []
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in [*spec.features, spec.label] if c not in header]
-            if missing:
-                note_problem(check, f"{path}: missing column(s) {missing}; the file has {header}")
-                reader = iter(())
-            for line, row in enumerate(reader, start=2):
-                try:
-                    x = [float(row[c]) for c in spec.features]
-                    label = float(row[spec.label])
-                except (TypeError, ValueError):
-                    note_problem(check, f"{path}, line {line}: a feature or label is not a number")
-                    continue
-                if not np.isfinite(x).all():
-                    note_problem(check, f"{path}, line {line}: a feature is NaN or infinite")
-                    continue
-                if not label.is_integer() or not 0 <= label < num_classes:
-                    note_problem(check, f"{path}, line {line}: label {row[spec.label]!r} is not a class index"
-                                    f" in 0..{num_classes - 1}")
-                    continue
-                xs.append(x)
-                ys.append(int(label))
-    except FileNotFoundError:
-        note_problem(check, f"data file {path} does not exist")
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        note_problem(check, f"{path} cannot be read as CSV: {err}")
+    for row, values in enumerate(zip(*columns.values()), start=1):
+        cells = dict(zip(columns, values))
+        problem = _bad_cell(cells, spec, num_classes)
+        if problem:
+            note_problem(check, f"{path}, row {row}: {problem}")
+            continue
+        xs.append([float(cells[c]) for c in spec.features])
+        ys.append(int(float(cells[spec.label])))
     if not ys and check is None:
         raise SpecError(f"{path} has no rows")
     features = np.asarray(xs, dtype=np.float32).reshape(len(ys), len(spec.features))
     if spec.scaling is not None:
         features = (features - np.asarray(spec.scaling.mean)) / np.asarray(spec.scaling.std)
     return Table(features=features.astype(np.float32), labels=np.asarray(ys, dtype=np.int64))
+
+
+def _bad_cell(cells: dict, spec: DataSpec, num_classes: int) -> str | None:
+    """What is wrong with a row of a table, naming the column and what it should hold (for the owner only)."""
+    for column in spec.features:
+        try:
+            value = float(cells[column])
+        except (TypeError, ValueError):
+            return f"feature column {column!r} holds {cells[column]!r}, not a number"
+        if not math.isfinite(value):
+            return f"feature column {column!r} holds {cells[column]!r}; features must be finite numbers"
+    label = cells[spec.label]
+    try:
+        index = float(label)
+    except (TypeError, ValueError):
+        index = math.nan
+    if not (index.is_integer() and 0 <= index < num_classes):
+        return (f"label column {spec.label!r} holds {label!r}, not a class index: tabular labels are the integers"
+                f" 0..{num_classes - 1} (model.num_classes is {num_classes}); map class names to them")
+    return None
 
 
 def write_table(path: str | Path, columns: list[str], features: np.ndarray, label: str, labels: np.ndarray) -> None:
@@ -168,8 +171,10 @@ def write_arrow(table, path: Path) -> None:
         path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
 
 
-def read_columns(path: str | Path, columns: list[str]) -> dict[str, list]:
-    """``columns`` of a local CSV, JSONL or Parquet file (chosen by its suffix)."""
+def read_columns(path: DataSource | str, columns: list[str]) -> dict[str, list]:
+    """``columns`` of a database's result, or of a local CSV, JSONL or Parquet file (chosen by its suffix)."""
+    if isinstance(path, DatabaseSource):
+        return path.read_columns(columns)
     path = Path(path)
     suffix = data_format(path)
     if suffix == ".parquet":
@@ -197,13 +202,15 @@ def read_columns(path: str | Path, columns: list[str]) -> dict[str, list]:
                 rows, header = list(reader), reader.fieldnames or []
         except UnicodeDecodeError as err:
             raise SpecError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8") from None
+        except csv.Error as err:
+            raise SpecError(f"{path} cannot be read as CSV: {err}") from None
     missing = [c for c in columns if c not in header]
     if missing:
         raise SpecError(f"{path}: missing column(s) {missing}; the file has {header}")
     return {c: [r.get(c) if isinstance(r, dict) else None for r in rows] for c in columns}
 
 
-def _read_columns_or_note(path: str | Path, columns: list[str], check: DataCheck | None) -> dict[str, list]:
+def _read_columns_or_note(path: DataSource | str, columns: list[str], check: DataCheck | None) -> dict[str, list]:
     """``read_columns``, or (a node reading its own data) no rows and a note for the owner."""
     try:
         return read_columns(path, columns)
@@ -212,7 +219,7 @@ def _read_columns_or_note(path: str | Path, columns: list[str], check: DataCheck
         return {c: [] for c in columns}
 
 
-def load_text(path: str | Path, spec: TextDataSpec, check: DataCheck | None = None) -> TextTable:
+def load_text(path: DataSource | str, spec: TextDataSpec, check: DataCheck | None = None) -> TextTable:
     """Read the text (and label) column of a local file; without ``check`` the first bad row
     raises, with it bad rows are skipped."""
     columns = _read_columns_or_note(path, [spec.text] + ([spec.label] if spec.label else []), check)
@@ -227,8 +234,8 @@ def load_text(path: str | Path, spec: TextDataSpec, check: DataCheck | None = No
             # CSV gives strings, JSONL and Parquet may give numbers: compare as text.
             key = str(labels[row - 1])
             if key not in index:
-                note_problem(check, f"{path}, row {row}: label {labels[row - 1]!r} is not one of the job's classes"
-                                f" {spec.classes}")
+                note_problem(check, f"{path}, row {row}: label column {spec.label!r} holds {labels[row - 1]!r},"
+                                f" not one of the job's classes {spec.classes}")
                 continue
             ys.append(index[key])
         texts.append(t)
@@ -237,7 +244,7 @@ def load_text(path: str | Path, spec: TextDataSpec, check: DataCheck | None = No
     return TextTable(texts=texts, labels=None if labels is None else np.asarray(ys, dtype=np.int64))
 
 
-def load_pairs(path: str | Path, spec: InstructionDataSpec, check: DataCheck | None = None) -> PairTable:
+def load_pairs(path: DataSource | str, spec: InstructionDataSpec, check: DataCheck | None = None) -> PairTable:
     """Read the prompt and response columns of a local file; without ``check`` the first bad
     row raises, with it bad rows are skipped."""
     columns = _read_columns_or_note(path, [spec.prompt, spec.response], check)

@@ -31,6 +31,11 @@ class SpecError(FedtrainError, ValueError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class DataSourceError(SpecError):
+    """A node's database cannot be read: no connection, a failing query, a missing column.
+    Like any unreadable data, it stays in the node's own log."""
+
+
 class BaseModelMismatch(FedtrainError):
     """A transformer base model on disk is not the one the job names."""
 
@@ -105,6 +110,14 @@ class Unavailable(FedtrainError):
     exit_code = 3
 
 
+class GaveUp(FedtrainError):
+    """A node stopped dialling the coordinator: its TLS handshake kept failing in a way that
+    retrying cannot mend (a certificate that does not verify)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    exit_code = 1
+
+
 class RemoteError(FedtrainError):
     """An error the other side raised that has no class of its own here."""
 
@@ -135,9 +148,17 @@ class ImpossibleAggregate(SecAggError):
 
 
 class JobCancelled(FedtrainError):
-    """Raised into a job's strategy loop when its job can no longer run (the coordinator stops)."""
+    """Raised into a job's strategy loop when its job must stop: the coordinator stops (the job
+    resumes when it is back), or an operator cancelled it (`fedtrain job cancel`)."""
 
     code = grpc.StatusCode.CANCELLED
+
+
+class JobNotStarted(FedtrainError):
+    """Too few nodes accepted a job within its ``start_timeout``: the job fails, naming who
+    refused (with their reasons) and who never answered."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class FaultInjected(FedtrainError):

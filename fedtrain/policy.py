@@ -10,8 +10,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedtrain.errors import SpecError
-from fedtrain.spec import Task, load_yaml
+from fedtrain.spec import Task, explain, load_yaml
 
 
 class NodePolicy(BaseModel):
@@ -57,9 +56,7 @@ def load_policy(path: str | Path) -> NodePolicy:
     try:
         return NodePolicy.model_validate(load_yaml(path, "policy"))
     except ValidationError as err:
-        lines = [f"{path} is not a valid node policy:"]
-        lines += [f"  - {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors()]
-        raise SpecError("\n".join(lines)) from None
+        raise explain(err, NodePolicy, f"{path} is not a valid node policy:") from None
 
 
 class Decision(str, Enum):

@@ -199,7 +199,8 @@ def simulate(
     cpus_per_node: float = 1.0, on_round: Callable[[RoundResult], None] = lambda r: None,
 ) -> SimulationResult:
     """Run ``spec`` with ``num_nodes`` virtual nodes on partitions of ``data`` written to ``work``
-    (with Flower's log, ``flower.log``)."""
+    (with Flower's log, ``flower.log``). A round in which every virtual node fails with the same
+    error ends the rehearsal with that error (FedtrainError)."""
     from flwr.app import ConfigRecord
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -242,6 +243,13 @@ def simulate(
             clock[0] = now
             rounds.append(result)
             on_round(result)
+            if len(result.failed) == 1 and sum(result.failed.values()) == num_nodes:
+                # The same error everywhere (a missing column, a model that does not fit) comes back
+                # every round: the rehearsal stops here rather than run them all.
+                (reason, _), = result.failed.items()
+                raise FedtrainError(f"every virtual node failed in round {server_round} with the same error, so the"
+                                    f" rehearsal stopped after round {server_round} of {spec.training.rounds}:"
+                                    f" {reason} (tracebacks in {work / FLOWER_LOG})")
 
         config = ConfigRecord({"job-spec": spec.canonical_json(), "partition-dir": str(work / "partitions"),
                                "suffix": data.suffix.lower()})

@@ -7,10 +7,12 @@ receives before its policy looks at it.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import numpy as np
 import yaml
@@ -337,6 +339,10 @@ class JobSpec(_Strict):
     # Seconds the coordinator waits for a round's results before going on without
     # the nodes that have not answered.
     round_timeout: PositiveFloat = 600.0
+    # Seconds the coordinator waits for min_nodes nodes to accept a new job (owners' approvals
+    # included) before the job fails, naming who refused and who never answered. It steers the
+    # coordinator only; raise it for nodes whose owners approve jobs by hand.
+    start_timeout: PositiveFloat = 3600.0
     # Times a round with fewer than min_nodes results is run again before it is given up
     # (the global model then stays as it was). Nodes that already sent the round send the
     # same update again: a retry costs them no budget.
@@ -428,19 +434,76 @@ class JobSpec(_Strict):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
-def _explain(err: ValidationError, source: str) -> SpecError:
-    lines = [f"{source} is not a valid job spec:"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  - {where}: {e['msg']}")
-    return SpecError("\n".join(lines))
+def _members(annotation: Any) -> list[tuple[str | None, Any]]:
+    """The types a field may hold, each with its ``Tag`` (None without one)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        inner, *meta = get_args(annotation)
+        tag = next((m.tag for m in meta if isinstance(m, Tag)), None)
+        return [(tag or t, member) for t, member in _members(inner)]
+    if origin in (Union, UnionType):
+        return [m for arg in get_args(annotation) if arg is not type(None) for m in _members(arg)]
+    return [(None, annotation)]
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _is_tag(tag: str | None, member: Any, part: Any) -> bool:
+    """Whether ``part`` of an error's location is the tag pydantic gave this member of a union:
+    its ``Tag``, or a value of a ``Literal`` field it is discriminated by (``kind``)."""
+    if tag is not None or not _is_model(member):
+        return tag == part
+    return any(part in get_args(f.annotation) for f in member.model_fields.values()
+               if get_origin(f.annotation) is Literal)
+
+
+def _locate(model: type[BaseModel], loc: tuple) -> tuple[list[str], Any]:
+    """An error's location as the user wrote it (without pydantic's union tags), and the type there."""
+    path: list[str] = []
+    here: Any = model
+    for part in loc:
+        members = _members(here)
+        tagged = [m for tag, m in members if len(members) > 1 and _is_tag(tag, m, part)]
+        if tagged:
+            here = tagged[0]
+            continue
+        here = members[0][1]
+        path.append(str(part))
+        if _is_model(here):
+            field = here.model_fields.get(part)
+            here = field.annotation if field else None
+        else:  # list[X], tuple[X, X] and dict[str, X] hold X
+            here = (get_args(here) or (None,))[-1]
+    return path, here
+
+
+def _problem(model: type[BaseModel], e: Any) -> str:
+    path, _ = _locate(model, e["loc"])
+    if e["type"] != "extra_forbidden":
+        return f"{'.'.join(path) or '(top level)'}: {e['msg']}"
+    # An unknown key is a typo more often than not: name the keys that level takes, and the closest.
+    # A value written as a key (``strategy: {fedprox: ...}``) gets the key it is a value of.
+    _, parent = _locate(model, e["loc"][:-1])
+    fields = next((m.model_fields for _, m in _members(parent) if _is_model(m)), {})
+    key = path[-1]
+    owner = [k for k, f in fields.items() if get_origin(f.annotation) is Literal and key in get_args(f.annotation)]
+    close = difflib.get_close_matches(key, list(fields), n=1)
+    hint = f" ({key} is a value: write {owner[0]}: {key})" if owner else f" (did you mean {close[0]}?)" if close else ""
+    return f"{'.'.join(path)}: unknown key{hint}; the keys here are {', '.join(fields)}"
+
+
+def explain(err: ValidationError, model: type[BaseModel], heading: str) -> SpecError:
+    """A file's validation errors, one line each, under ``heading``: what a user reads."""
+    return SpecError("\n".join([heading, *(f"  - {_problem(model, e)}" for e in err.errors())]))
 
 
 def parse_job_spec(data: Any, source: str = "job spec") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
-        raise _explain(err, source) from None
+        raise explain(err, JobSpec, f"{source} is not a valid job spec:") from None
 
 
 def job_spec_from_json(text: str | bytes, source: str = "job spec") -> JobSpec:

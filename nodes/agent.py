@@ -41,10 +41,12 @@ from fedtrain.protocol.codec import GRPC_OPTIONS, PROTOCOL_VERSION, TensorInfo, 
 from fedtrain.protocol.refusal import Reason, Refusal
 from fedtrain.protocol.tls import Identity, channel
 from fedtrain.secagg.peers import PeerAuth
+from fedtrain.sources import DataSource
 from fedtrain.spec import JobSpec
 from fedtrain.storage import private_dir, write_private
 from nodes import admission, egress
 from nodes.admission import Problem
+from nodes.dialing import GIVE_UP_AFTER, Dialer
 from nodes.jobs import JobBook, parse_spec
 from nodes.state import StatePaths
 
@@ -78,12 +80,12 @@ class NodeAgent:
     tasks: TrainingTasks
     secure: SecureStages
 
-    def __init__(self, *, coordinator: str, data: Path, policy: NodePolicy, state_dir: Path, name: str,
+    def __init__(self, *, coordinator: str, data: DataSource, policy: NodePolicy, state_dir: Path, name: str,
                  poll_seconds: float = 10.0, faults: Faults = Faults(), identity: Identity | None = None,
-                 join_token: str = ""):
+                 join_token: str = "", give_up_after: float = GIVE_UP_AFTER):
         """``faults``: where to stop dead, for the tests of crashes and dropouts; ``identity``: the
         node's certificate for mutual TLS (None: plaintext); ``join_token`` enrolls it at the first
-        Register."""
+        Register; ``give_up_after``: seconds of certificate errors before the node stops dialling."""
         self._paths = StatePaths(private_dir(state_dir))
         self.coordinator = coordinator
         self.data = data
@@ -101,6 +103,7 @@ class NodeAgent:
         self._peer_auth = PeerAuth(identity) if identity is not None else None
         self.join_token = join_token
         self._channel = channel(coordinator, identity, GRPC_OPTIONS)
+        self._dialer = Dialer(coordinator, give_up_after)
         self._stub = pb_grpc.NodeServiceStub(self._channel)
 
     def close(self) -> None:
@@ -130,9 +133,12 @@ class NodeAgent:
                 self._answer_offers()
                 reply = self._send("Poll", self._stub.Poll,
                                    pb.PollRequest(node_id=self.node_id, wait_seconds=self.poll_seconds))
+                self._dialer.succeeded()
                 item = reply.WhichOneof("item")
                 if item == "offer":
                     self._on_offer(reply.offer)
+                elif item == "ended":
+                    self._on_ended(reply.ended)
                 elif item == "task":
                     self._on_task(reply.task)
             except grpc.RpcError as raised:
@@ -142,7 +148,7 @@ class NodeAgent:
                 elif isinstance(err, PermissionDenied):  # e.g. revoked: retrying cannot help
                     raise type(err)(f"the coordinator refused this node: {err}") from None
                 else:
-                    log.warning("coordinator unreachable (%s: %s); retrying", err.code.name, err)
+                    self._dialer.failed(raised)
                     stop.wait(2.0)
 
     def _register(self, stop: threading.Event) -> None:
@@ -153,14 +159,14 @@ class NodeAgent:
                                    pb.RegisterRequest(name=self.name, protocol_version=PROTOCOL_VERSION,
                                                       join_token=self.join_token))
                 self.node_id = reply.node_id
+                self._dialer.succeeded()
                 log.info("registered with %s as node %d", self.coordinator, self.node_id)
                 return
             except grpc.RpcError as raised:
                 err = errors.from_rpc(raised)
                 if isinstance(err, _REGISTRATION_REFUSED):
                     raise type(err)(f"the coordinator refused registration: {err}") from None
-                # A refused TLS handshake looks like an absent coordinator; the details say which.
-                log.info("waiting for coordinator at %s (%s: %s)", self.coordinator, raised.code().name, err)
+                self._dialer.failed(raised)  # says what it means; raises once retrying is hopeless
                 stop.wait(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -191,6 +197,14 @@ class NodeAgent:
             self.jobs.record(offer.job_id, offer.spec_json, verdict.decision, verdict.refusal.text(), verdict.detail,
                              signature)
         self._answer_offers()
+
+    def _on_ended(self, ended: pb.JobEnded) -> None:
+        """The coordinator ended a job this node was offered: its owner sees it (`fedtrain node
+        jobs`), and can no longer approve it if it was pending."""
+        if ended.state not in ("finished", "failed", "cancelled"):
+            log.warning("the coordinator says job %s ended in an unknown state; ignored", ended.job_id)
+        elif self.jobs.end(ended.job_id, ended.state):
+            log.info("job %s has ended on the coordinator: %s", ended.job_id, ended.state)
 
     def _answer_offers(self) -> None:
         for job in self.jobs.unanswered():
@@ -226,7 +240,9 @@ class NodeAgent:
         start = self._fetch(task, spec)
         if isinstance(start, Problem):
             return self._refuse(task, start, spec)
-        charged = self.tasks.train(task, prepared, start, self.node_id)
+        charged = self.tasks.train(task, prepared, start, self.node_id, lambda: self._task_open(task, spec))
+        if charged is None:
+            return None  # the coordinator no longer waits for it: nothing was charged, nothing is sent
         if isinstance(charged, Problem):
             return self._refuse(task, charged, spec)
         self.faults.reach("after-ledger-commit")
@@ -251,6 +267,18 @@ class NodeAgent:
             return decode_arrays(chunks, expected=self.tasks.manifest(spec))
         except (FedtrainError, ValueError) as err:
             return Problem(Refusal(Reason.BAD_GLOBAL_MODEL), f"cannot fetch the global model: {err}")
+
+    def _task_open(self, task: pb.TaskHeader, spec: JobSpec) -> bool:
+        """Whether the coordinator still waits for ``task``'s result. An unreachable coordinator may:
+        the round is then charged, and its result kept until it can be sent."""
+        try:
+            request = pb.FetchRequest(node_id=self.node_id, task_id=task.task_id)
+            return self._send("TaskOpen", self._stub.TaskOpen, request, spec=spec, job_id=task.job_id,
+                              round=task.round).open
+        except grpc.RpcError as raised:
+            log.warning("cannot ask whether task %s is still open (%s); it is charged and kept to send",
+                        task.task_id, errors.from_rpc(raised))
+            return True
 
     def _refuse(self, task: pb.TaskHeader, problem: Problem, spec: JobSpec | None) -> None:
         """Tell the coordinator the typed refusal; the detail stays in this node's log."""

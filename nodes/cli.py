@@ -17,12 +17,15 @@ from rich.table import Table
 
 from fedtrain.node import approval
 from fedtrain.node.audit_log import AuditLog
-from fedtrain.cli.options import INSECURE, TLS_DIR, identity_option
-from fedtrain.console import console
-from fedtrain.errors import FaultInjected, FedtrainError
+from fedtrain.cli.options import INSECURE, LOG_FORMAT, TLS_DIR, identity_option
+from fedtrain.console import console, err_console
+from fedtrain.errors import DataSourceError, FaultInjected, FedtrainError
 from fedtrain.faults import Faults
+from fedtrain.logs import LogFormat, configure_logging
 from fedtrain.policy import Decision, NodePolicy, load_policy
+from fedtrain.sources import DataSource, parse_source
 from nodes.agent import NodeAgent
+from nodes.dialing import GIVE_UP_AFTER
 from nodes.jobs import JobBook
 from nodes.state import StatePaths
 
@@ -32,13 +35,31 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Run and inspect a data owner's node agent.", no_args_is_help=True)
 STATE_DIR = typer.Option(..., "--state-dir", help="The node's state directory (ledger, jobs, audit log, policy).")
 JOIN_TOKEN_ENV = "FEDTRAIN_JOIN_TOKEN"
+# A database's table or query is the owner's to set, here: a job names columns, never SQL.
+DATA_TABLE = typer.Option(None, "--data-table", envvar="FEDTRAIN_DATA_TABLE",
+                          help="With a database URL in --data: the table (NAME or SCHEMA.NAME) that holds your rows.")
+DATA_QUERY = typer.Option(None, "--data-query", envvar="FEDTRAIN_DATA_QUERY",
+                          help="With a database URL in --data, instead of --data-table: the SELECT that gives your"
+                               " rows (run in a read-only transaction).")
+
+
+def _data_source(data: str, table: str | None, query: str | None) -> DataSource:
+    try:
+        return parse_source(data, table, query)
+    except DataSourceError as err:
+        raise typer.BadParameter(str(err), param_hint="--data") from None
 
 
 @app.command()
 def start(
     coordinator: str = typer.Option(..., envvar="FEDTRAIN_COORDINATOR",
                                     help="HOST:PORT of the coordinator; the node dials out, it opens no port."),
-    data: Path = typer.Option(..., exists=True, dir_okay=False, help="The local CSV table; it never leaves this machine."),
+    data: str = typer.Option(..., envvar="FEDTRAIN_DATA",
+                             help="Your table, which never leaves this machine: a CSV, JSONL or Parquet file, or a"
+                                  " database URL such as postgresql://reader@db/clinic (with --data-table or"
+                                  " --data-query; a password goes in PGPASSWORD or FEDTRAIN_DATA, not in argv)."),
+    data_table: str | None = DATA_TABLE,
+    data_query: str | None = DATA_QUERY,
     policy: Path = typer.Option(..., exists=True, dir_okay=False, help="The owner's privacy policy (YAML)."),
     state_dir: Path = STATE_DIR,
     name: str = typer.Option(None, help="Name to register under: the certificate's, or with --insecure the host name."),
@@ -49,6 +70,11 @@ def start(
         None, "--join-token-file", exists=True, dir_okay=False,
         help=f"File holding the one-time token from `fedtrain coordinator token` (or set {JOIN_TOKEN_ENV});"
              " needed at the first start only."),
+    log_format: LogFormat = LOG_FORMAT,
+    give_up_after: float = typer.Option(
+        GIVE_UP_AFTER, "--give-up-after", min=0, metavar="SECONDS",
+        help="Exit with status 1 once the TLS handshake has failed this long for a reason retrying cannot mend"
+             " (a certificate that does not verify). An absent coordinator is waited for without limit."),
 ) -> None:
     """Start the node agent and serve until SIGINT/SIGTERM.
 
@@ -57,14 +83,16 @@ def start(
     os.umask(0o077)  # all that this process writes (state, logs of its libraries) is its owner's only
     # The token comes from a file or the environment, not argv, which every user of the machine can read.
     join_token = join_token_file.read_text().strip() if join_token_file else os.environ.get(JOIN_TOKEN_ENV, "")
+    source = _data_source(data, data_table, data_query)
     identity = identity_option(tls_dir, insecure, "node")
     if identity is not None and name not in (None, identity.name):
         raise typer.BadParameter(f"the certificate in {tls_dir} is {identity.name!r}'s", param_hint="--name")
     name = identity.name if identity else name or socket.gethostname()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s node:{name} %(levelname)s %(message)s", force=True)
+    configure_logging(log_format, f"node:{name}")
     owner_policy = load_policy(policy)
-    agent = NodeAgent(coordinator=coordinator, data=data, policy=owner_policy, state_dir=state_dir, name=name,
-                      poll_seconds=poll_seconds, faults=Faults.from_env(), identity=identity, join_token=join_token)
+    agent = NodeAgent(coordinator=coordinator, data=source, policy=owner_policy, state_dir=state_dir, name=name,
+                      poll_seconds=poll_seconds, faults=Faults.from_env(), identity=identity, join_token=join_token,
+                      give_up_after=give_up_after)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -114,7 +142,7 @@ def budget(state_dir: Path = STATE_DIR, as_json: bool = typer.Option(False, "--j
     console.print(table)
 
 
-def _show(job, data: Path | None, key, policy) -> Table:
+def _show(job, data: DataSource | None, key, policy) -> Table:
     """Exactly what a job runs on this node and what leaves it, for the owner to approve."""
     from fedtrain.data import DataCheck
     from fedtrain.models import expected_manifest, load_dataset
@@ -161,7 +189,7 @@ def _show(job, data: Path | None, key, policy) -> Table:
             table.add_row("your data", f"{rows} usable row(s) (dataset_size declares {policy.dataset_size})" + (
                 f"; {check.count} row(s) would be skipped: {check.summary()}" if check.count else ""))
     else:
-        table.add_row("your data", "pass --data FILE to check it against the job (nothing is sent)")
+        table.add_row("your data", "pass --data (as to `node start`) to check it against the job (nothing is sent)")
     try:
         manifest = expected_manifest(spec)
         tensors = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in manifest.items())
@@ -183,22 +211,25 @@ def _show(job, data: Path | None, key, policy) -> Table:
 @app.command()
 def jobs(state_dir: Path = STATE_DIR,
          show: str = typer.Option("", "--show", metavar="JOB_ID", help="Everything about one job, to approve it."),
-         data: Path | None = typer.Option(None, "--data", help="With --show: your data file, for the epsilon.")) -> None:
+         data: str | None = typer.Option(None, "--data", help="With --show: your table, as for `node start`,"
+                                                                " to check it against the job."),
+         data_table: str | None = DATA_TABLE, data_query: str | None = DATA_QUERY) -> None:
     """Jobs offered to this node and the policy's decision on each; pending ones await `approve`."""
     paths = StatePaths(state_dir)
     if show:
         job = JobBook(paths.jobs).get(show)
         if job is None:
             raise typer.BadParameter(f"no job {show!r} on this node; `fedtrain node jobs` lists them")
-        console.print(_show(job, data, approval.load_or_create_key(paths.key), _policy(state_dir)))
+        source = None if data is None else _data_source(data, data_table, data_query)
+        console.print(_show(job, source, approval.load_or_create_key(paths.key), _policy(state_dir)))
         return
     table = Table(title="jobs")
-    for col in ("job", "name", "rounds", "epsilon", "delta", "decision", "reason"):
+    for col in ("job", "name", "rounds", "epsilon", "delta", "decision", "reason", "ended"):
         table.add_column(col)
     for job in JobBook(paths.jobs).all():
         spec = job.spec
         table.add_row(job.job_id, spec.name, str(spec.training.rounds), f"{spec.privacy.epsilon:g}",
-                      f"{spec.privacy.delta:g}", job.decision.value, job.reason)
+                      f"{spec.privacy.delta:g}", job.decision.value, job.reason, job.ended or "-")
     console.print(table)
 
 
@@ -226,7 +257,7 @@ def _decide(state_dir: Path, job_id: str, decision: Decision, reason: str) -> No
         job = book.decide(job_id, decision, answer, reason, signature,
                           spec_json=None if job is None else job.spec_json)
     except (KeyError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err.args[0]}")
+        err_console.print(f"[red]error:[/red] {err.args[0]}")
         raise typer.Exit(1) from None
     console.print(f"job {job.job_id} {job.decision.value}; the running agent tells the coordinator")
 

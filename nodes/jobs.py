@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     answer TEXT NOT NULL DEFAULT '',       -- the typed answer the coordinator is sent
     answered INTEGER NOT NULL DEFAULT 0,   -- has the coordinator been told the decision?
     received_at REAL NOT NULL,
-    signature BLOB                          -- the node's Ed25519 approval of (job id, spec sha256)
+    signature BLOB,                         -- the node's Ed25519 approval of (job id, spec sha256)
+    ended TEXT NOT NULL DEFAULT ''          -- finished, failed or cancelled, once the coordinator says so
 );
 """
 
@@ -44,6 +45,7 @@ class JobRecord:
     answer: str
     answered: bool
     signature: bytes | None
+    ended: str
 
     @property
     def spec(self) -> JobSpec:
@@ -52,8 +54,10 @@ class JobRecord:
 
 class JobBook:
     def __init__(self, path: str | Path):
-        # A job book from before approvals (or typed answers) gains their column.
-        self._db = open_db(path, _SCHEMA, (("jobs", "signature", "BLOB"), ("jobs", "answer", "TEXT NOT NULL DEFAULT ''")))
+        # A job book from before approvals (or typed answers, or ended jobs) gains their column.
+        added = (("jobs", "signature", "BLOB"), ("jobs", "answer", "TEXT NOT NULL DEFAULT ''"),
+                 ("jobs", "ended", "TEXT NOT NULL DEFAULT ''"))
+        self._db = open_db(path, _SCHEMA, added)
 
     def close(self) -> None:
         self._db.close()
@@ -79,6 +83,10 @@ class JobBook:
     def unanswered(self) -> list[JobRecord]:
         return self._select("WHERE answered = 0", ())
 
+    def end(self, job_id: str, state: str) -> bool:
+        """Record that the coordinator ended the job in ``state``; False if the job is not in the book."""
+        return self._db.execute("UPDATE jobs SET ended = ? WHERE job_id = ?", (state, job_id)).rowcount == 1
+
     def mark_unanswered(self, job_id: str) -> None:
         self._db.execute("UPDATE jobs SET answered = 0 WHERE job_id = ?", (job_id,))
 
@@ -96,6 +104,8 @@ class JobBook:
             raise KeyError(f"no job {job_id!r} on this node (known: {known})")
         if job.decision is not Decision.PENDING_APPROVAL:
             raise ValueError(f"job {job_id} is not pending approval; it is {job.decision.value}")
+        if job.ended:
+            raise ValueError(f"job {job_id} has ended on the coordinator ({job.ended}); there is nothing to decide")
         cur = self._db.execute(
             "UPDATE jobs SET decision = ?, answer = ?, reason = ?, answered = 0, signature = ?"
             " WHERE job_id = ? AND decision = ? AND spec_json = ?",
@@ -108,7 +118,7 @@ class JobBook:
 
     def _select(self, where: str, args: tuple) -> list[JobRecord]:
         cur = self._db.execute(
-            f"SELECT job_id, spec_json, decision, reason, answer, answered, signature FROM jobs {where}"
+            f"SELECT job_id, spec_json, decision, reason, answer, answered, signature, ended FROM jobs {where}"
             " ORDER BY received_at", args,
         )
-        return [JobRecord(j, s, Decision(d), r, ans, bool(a), sig) for j, s, d, r, ans, a, sig in cur]
+        return [JobRecord(j, s, Decision(d), r, ans, bool(a), sig, e) for j, s, d, r, ans, a, sig, e in cur]

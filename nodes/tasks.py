@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -31,6 +31,7 @@ from fedtrain.protocol.codec import TensorInfo, encode_arrays, encode_values, mo
 from fedtrain.protocol.refusal import Reason, Refusal
 from fedtrain.secagg.encoding import MASKED_TENSOR
 from fedtrain.secagg.node import SecAggNode
+from fedtrain.sources import DataSource
 from fedtrain.spec import JobSpec
 from nodes.admission import Problem, budget_problem
 from nodes.jobs import JobRecord
@@ -71,7 +72,7 @@ def _problem(reason: Reason, detail: str, **values) -> Problem:
 
 
 class TrainingTasks:
-    def __init__(self, data: Path, policy: NodePolicy, ledger: PrivacyLedger, key: Ed25519PrivateKey,
+    def __init__(self, data: DataSource, policy: NodePolicy, ledger: PrivacyLedger, key: Ed25519PrivateKey,
                  secure: SecureStages):
         """``key``: the node's approval key; ``secure``: its secure aggregation rounds under way."""
         self.data = data
@@ -139,8 +140,10 @@ class TrainingTasks:
         return secagg if isinstance(secagg, Problem) else Prepared(private, secagg)
 
     def train(self, task: pb.TaskHeader, prepared: Prepared, start: dict[str, np.ndarray],
-              node_id: int) -> Charged | Problem:
-        """Train the round from the global model ``start``, build its result and charge it."""
+              node_id: int, wanted: Callable[[], bool]) -> Charged | Problem | None:
+        """Train the round from the global model ``start``, build its result and charge it, if
+        ``wanted()`` still says the coordinator waits for it; None if not (the round closed while
+        it trained, e.g. its job was cancelled): the update is dropped, and nothing is charged."""
         try:
             # From here on the data is touched: whatever goes wrong, the coordinator learns only
             # that training failed (the reason is in this log), and nothing was charged or sent.
@@ -149,6 +152,12 @@ class TrainingTasks:
         except (FedtrainError, ValueError, RuntimeError) as err:
             log.exception("job %s round %d: training failed", task.job_id, task.round)
             return Problem(Refusal(Reason.TRAINING_FAILED), f"training failed: {err}")
+        # Asked last, so that a round that ended while this one trained never costs budget: the
+        # spend is committed before a result is sent, and this one would never be.
+        if not wanted():
+            log.info("job %s round %d: the coordinator closed the task while it trained; the update is dropped"
+                     " and nothing is charged", task.job_id, task.round)
+            return None
         try:
             # Re-checked atomically with the write: the quote in prepare may be stale.
             row = prepared.private.charge(self.ledger, job_id=task.job_id, round=task.round, task_id=task.task_id,

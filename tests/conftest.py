@@ -271,6 +271,7 @@ def consortium(tmp_path, cancer, consortium_pki):
                               identity=pki.identity("node", name), join_token=coord.registry.create_token(name, 3600)))
         return nodes
 
+    start.coordinator = coord  # for the tests that read its metrics
     with CoordinatorClient(address, pki.identity("operator", "operator")) as client:
         yield start, client
     for node in nodes:

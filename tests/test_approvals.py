@@ -2,6 +2,8 @@
 
 import json
 import sqlite3
+import time
+from pathlib import Path
 
 import yaml
 
@@ -48,6 +50,21 @@ def _pending(consortium, spec):
     job_id = client.submit(spec)
     wait_for(client, job_id, lambda s: any(n.decision == "pending_approval" for n in s.nodes))
     return node, client, job_id
+
+
+def test_round_1_is_timed_from_the_approval_and_the_wait_for_it_is_reported_apart(consortium):
+    node, client, job_id = _pending(consortium, make_spec(training={"rounds": 1}))
+    time.sleep(5)  # the owner reads the offer
+    approved = time.monotonic()
+    cli("node", "approve", job_id, "--state-dir", str(node.args["state_dir"]))
+    status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"))
+    assert status.state == "finished", status.error
+    # Round 1 ran after the approval; the wait before it is the job's, on its own.
+    assert status.rounds[1].wall_seconds < time.monotonic() - approved
+    assert status.approval_wait_seconds > 5
+    report = json.loads((Path(status.report_path).parent / "report.json").read_text())
+    assert report["job"]["approval_wait_seconds"] == status.approval_wait_seconds
+    assert report["rounds"][1]["wall_seconds"] == status.rounds[1].wall_seconds
 
 
 def test_a_task_for_another_spec_than_the_approved_one_is_refused_naming_the_difference(consortium, tmp_path):

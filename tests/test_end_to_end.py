@@ -5,9 +5,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from fedtrain.demos.launch import LocalConsortium
 from fedtrain.node.ledger import PrivacyLedger
@@ -47,6 +49,22 @@ def registered(consortium, names, timeout=60):
     raise AssertionError(f"nodes {names} did not register within {timeout}s")
 
 
+def scrape(addr_file):
+    """The coordinator's /metrics, fetched over HTTP: {(sample name, labels as sorted tuples): value}."""
+    with urllib.request.urlopen(f"http://{addr_file.read_text().strip()}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def json_log_lines(path):
+    """Every line of a process's log (stdout and stderr), each of which must be a JSON object."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        assert {"time", "level", "logger", "party", "message"} <= line.keys(), line
+    return lines
+
+
 def write_policy(path, **policy):
     path.write_text(yaml.safe_dump({"delta": 1e-5, "dataset_size": 150, **policy}))
     return path
@@ -71,10 +89,10 @@ def test_cli_job_and_a_refusal_for_budget_reach_the_operator(tmp_path, shards):
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     with LocalConsortium(tmp_path / "run", poll_seconds=1, eval_dir=tmp_path) as c:
-        address = c.start_coordinator()
+        address = c.start_coordinator(options=("--metrics-port", "0", "--log-format", "json"))
         c.enroll(["n0", "n1"])
         for i in range(2):
-            c.start_node(f"n{i}", paths[i], policy)
+            c.start_node(f"n{i}", paths[i], policy, options=("--log-format", "json"))
         ops = ["--coordinator", address, *c.security_args("operator")]
         job_id = cli("job", "submit", str(spec_file), *ops, "--wait").stdout.strip().splitlines()[0]
         status_out = cli("job", "status", job_id, *ops).stdout
@@ -82,12 +100,14 @@ def test_cli_job_and_a_refusal_for_budget_reach_the_operator(tmp_path, shards):
 
         # The first job spent ~0.99 of 1.2; both jobs together would compose to ~1.38.
         with c.client() as client:
+            first = client.status(job_id)
             second = client.submit(spec)
             status = wait_for(client, second, lambda s: sum(n.decision == "refused" for n in s.nodes) == 2)
         # Typed: the reason code and the policy's own number, nothing of the ledger's history.
         for node in status.nodes:
             assert node.reason == "budget-exceeded: policy.max_epsilon=1.2"
         assert "budget-exceeded" in cli("job", "status", second, *ops).stdout
+        metrics = scrape(c.root / "coordinator" / "metrics.addr")
 
     for i in range(2):
         state = c.node_state(f"n{i}")
@@ -102,6 +122,25 @@ def test_cli_job_and_a_refusal_for_budget_reach_the_operator(tmp_path, shards):
             assert {t["name"] for t in e["tensors"]} == {"0.weight", "0.bias"}
             assert len(e["payload_sha256"]) == 64 and 0 < e["epsilon"] <= 1.0
         assert {e["type"] for e in audit} >= {"Register", "Poll", "AnswerOffer", "FetchArrays", "SubmitResult"}
+
+        # The coordinator's metrics: the job's ε that the node's ledger charged, and the node's uploads.
+        labels = (("job", job_id), ("node", f"n{i}"))
+        charged = [r for r in budget["rounds"] if r["job_id"] == job_id][-1]["job_epsilon"]
+        assert metrics["fedtrain_node_epsilon", labels] == pytest.approx(charged, rel=1e-12)
+        uploaded = sum(n.bytes_received for r in first.rounds for n in r.nodes if n.name == f"n{i}")
+        assert metrics["fedtrain_received_bytes_total", labels] == uploaded > 0
+        assert ("fedtrain_updates_rejected_total", labels) not in metrics
+        # Opacus's and torch's per-round warnings are gone; our explanation is logged once.
+        messages = [line["message"] for line in json_log_lines(c.logs / f"node-n{i}.log")]
+        assert sum("secure RNG is off" in m for m in messages) == 1
+        assert not [m for m in messages if "Secure RNG turned off" in m or "Full backward hook is firing when" in m]
+
+    job = (("job", job_id),)
+    assert metrics["fedtrain_rounds_completed_total", job] == 2 and ("fedtrain_rounds_failed_total", job) not in metrics
+    assert metrics["fedtrain_round_duration_seconds_count", job] == 2
+    assert metrics["fedtrain_nodes_connected", ()] == 2
+    assert [metrics["fedtrain_jobs", (("state", s),)] for s in ("finished", "waiting", "running")] == [1, 1, 0]
+    assert any(line["message"].startswith("listening on") for line in json_log_lines(c.logs / "coordinator.log"))
 
 
 def test_owner_approval_gates_a_fedadam_job_and_the_node_charges_what_job_plan_said(tmp_path, shards):
@@ -123,7 +162,7 @@ def test_owner_approval_gates_a_fedadam_job_and_the_node_charges_what_job_plan_s
             time.sleep(2)
             assert client.status(job_id).rounds[-1].round == 0  # nothing trained while pending
             refused = cli("node", "approve", "not-a-job", "--state-dir", state, check=False)
-            assert refused.returncode == 1 and "no job 'not-a-job'" in refused.stdout
+            assert refused.returncode == 1 and "no job 'not-a-job'" in refused.stderr
             cli("node", "approve", job_id, "--state-dir", state)
             status = wait_for(client, job_id, lambda s: s.state in ("finished", "failed"))
     assert status.state == "finished", status.error

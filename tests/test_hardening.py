@@ -226,7 +226,7 @@ def test_reissuing_a_certificate_replaces_a_readable_key_atomically_with_a_priva
     out = tmp_path / "hospital-a"
     first = tls.issue(tmp_path / "ca", "node", "hospital-a", out)
     (out / tls.KEY).chmod(0o644)
-    second = tls.issue(tmp_path / "ca", "node", "hospital-a", out)
+    second = tls.issue(tmp_path / "ca", "node", "hospital-a", out, force=True)
     assert stat.S_IMODE((out / tls.KEY).stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "ca" / tls.CA_KEY).stat().st_mode) == 0o600
     assert sorted(p.name for p in out.iterdir()) == [tls.CA_CERT, tls.CERT, tls.KEY]  # no temporary file left

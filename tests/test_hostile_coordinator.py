@@ -255,7 +255,7 @@ def test_a_re_offer_under_the_same_job_id_cannot_get_a_refused_spec_approved(tmp
     assert record.decision is Decision.REFUSED and record.signature is None
     # The owner cannot approve it: it is not pending, whatever spec is on record.
     proc = cli("node", "approve", job_id, "--state-dir", str(tmp_path / "node"), check=False)
-    assert proc.returncode == 1 and "not pending approval" in proc.stdout
+    assert proc.returncode == 1 and "not pending approval" in proc.stderr
     assert not [m for m, _ in node.capture.sent if m.endswith("FetchArrays")]  # nothing ran
 
 
@@ -271,6 +271,6 @@ def test_approve_reviews_exactly_the_bytes_it_signs(tmp_path):
                                "waiting for the data owner's approval")
     proc = cli("node", "approve", "j1", "--state-dir", str(tmp_path), check=False)
     assert proc.returncode == 1
-    assert "breaks this node's policy" in proc.stdout and "max_rounds_per_job" in proc.stdout
+    assert "breaks this node's policy" in proc.stderr and "max_rounds_per_job" in proc.stderr
     record = JobBook(paths.jobs).get("j1")
     assert record.decision is Decision.PENDING_APPROVAL and record.signature is None

@@ -97,6 +97,8 @@ def test_a_node_sending_1e30_with_1e18_examples_is_rejected_and_the_model_stays_
     reasons = refusals(status, "n0")
     assert len(reasons) == 3 and all("rejected by coordinator" in r and "update_bound" in r for r in reasons)
     assert not any(refusals(status, "n1") + refusals(status, "n2"))
+    counted = start.coordinator.metrics.registry.get_sample_value
+    assert [counted("fedtrain_updates_rejected_total", {"job": job_id, "node": n}) for n in ("n0", "n1")] == [3, None]
     # Before the bound this attack left accuracy at 0.507 (issue 14).
     assert accuracy(client, job_id, spec, cancer, tmp_path) > 0.85
 

@@ -65,17 +65,21 @@ def test_simulation_refuses_what_it_cannot_run(tmp_path):
         write_partitions(tmp_path / "train.csv", other_label, 3, tmp_path / "p")
 
 
-def test_failed_virtual_nodes_are_counted_by_reason(tmp_path):
-    """A job that no partition can run: every round is given up, and the one reason is named once."""
+def test_a_round_that_every_virtual_node_fails_alike_stops_the_rehearsal(tmp_path):
+    """A job that no partition can run: its failures are counted by reason, and the rehearsal
+    stops after the first round with that reason instead of running the other two."""
     columns, _, test = write_shards(tmp_path, 1)
-    spec = parse_job_spec({**demo_spec(columns, test, rounds=2, epsilon=1.0).model_dump(mode="json"),
+    spec = parse_job_spec({**demo_spec(columns, test, rounds=3, epsilon=1.0).model_dump(mode="json"),
                            "data": {"features": ["no such column"], "label": "malignant"},
                            "evaluation": None, "round_retries": 0})
-    result = simulate(spec, tmp_path / "train.csv", 3, tmp_path / "work")
-    assert [r.nodes for r in result.rounds] == [0, 0] and all(r.given_up for r in result.rounds)
-    (reason, count), = result.rounds[0].failed.items()
+    rounds = []
+    with pytest.raises(FedtrainError, match=r"every virtual node failed in round 1 with the same error, so the"
+                       r" rehearsal stopped after round 1 of 3: its partition: missing column\(s\) \['no such"):
+        simulate(spec, tmp_path / "train.csv", 3, tmp_path / "work", on_round=rounds.append)
+    (only,) = rounds
+    assert only.nodes == 0 and only.given_up
+    (reason, count), = only.failed.items()
     assert count == 3 and reason.startswith("its partition: missing column(s) ['no such column']")
-    assert result.epsilon == [0.0, 0.0, 0.0]
     assert "ClientAppException" in (tmp_path / "work" / "flower.log").read_text()
 
 

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from fedtrain.data import DataCheck, load_table
 from fedtrain.errors import SpecError, WireError
 from fedtrain.policy import Decision, NodePolicy, load_policy
 from fedtrain.protocol.refusal import Reason, Refusal, check_refusal, parse_refusal
@@ -61,8 +62,56 @@ def test_policy_file_errors(tmp_path):
     with pytest.raises(SpecError) as err:
         load_policy(p)
     assert "max_epsilon" in str(err.value) and "require_aproval" in str(err.value)
+    assert "  - require_aproval: unknown key (did you mean require_approval?); the keys here are max_epsilon, delta," \
+        in str(err.value)
     with pytest.raises(SpecError, match="does not exist"):
         load_policy(tmp_path / "missing.yaml")
+
+
+def test_an_unknown_key_is_named_with_the_keys_allowed_where_it_stands_and_the_closest():
+    spec = make_spec().model_dump(mode="json")
+    spec["trainig"] = spec.pop("training")
+    spec["model"]["hiden"] = [8]  # in a union told apart by kind: the path is the file's, model.hiden
+    spec["data"]["lable"] = spec["data"].pop("label")
+    spec["strategy"] = {"fedprox": {"proximal_mu": 0.1}}  # the README's old shorthand
+    spec["secure_aggregation"] = {"enabld": False}
+    with pytest.raises(SpecError) as err:
+        parse_job_spec(spec, "job.yaml")
+    lines = str(err.value).splitlines()
+    assert lines[0] == "job.yaml is not a valid job spec:"
+    assert "  - model.hiden: unknown key (did you mean hidden?); the keys here are kind, hidden, num_classes" in lines
+    assert "  - data.lable: unknown key (did you mean label?); the keys here are features, label, scaling" in lines
+    assert "  - strategy.fedprox: unknown key (fedprox is a value: write name: fedprox); the keys here are name," \
+           " params" in lines
+    assert any(line.startswith("  - secure_aggregation.enabld: unknown key (did you mean enabled?); the keys here"
+                               " are enabled, clip_range,") for line in lines)
+    assert any(line.startswith("  - trainig: unknown key (did you mean training?); the keys here are name, task,")
+               for line in lines)
+    assert "  - training: Field required" in lines and "  - data.label: Field required" in lines
+    # Nothing close: the keys alone.
+    with pytest.raises(SpecError, match=r"privacy.zzz: unknown key; the keys here are epsilon, delta, max_grad_norm"):
+        make_spec(privacy={"epsilon": 1.0, "zzz": 1})
+
+
+def test_data_errors_name_the_column_and_what_it_should_hold(tmp_path):
+    spec = make_spec(data={"features": ["size", "weight"], "label": "kind"})
+    rows = {"text feature": ("big", "1.0", "0"), "infinite": ("1.0", "inf", "1"), "class name": ("1.0", "2.0", "cat"),
+            "fraction": ("1.0", "2.0", "0.5"), "out of range": ("1.0", "2.0", "2"), "good": ("1.0", "2.0", "1")}
+    path = tmp_path / "table.csv"
+    path.write_text("size,weight,kind\n" + "".join(",".join(r) + "\n" for r in rows.values()))
+    expected = "the integers 0..1 (model.num_classes is 2); map class names to them"
+    # Read strictly (the coordinator's and the tools' own files): the first bad row raises.
+    with pytest.raises(SpecError, match=r"table.csv, row 1: feature column 'size' holds 'big', not a number"):
+        load_table(path, spec.data, 2)
+    # Read by a node: every bad row is skipped and noted for its owner.
+    check = DataCheck()
+    assert load_table(path, spec.data, 2, check).labels.tolist() == [1]
+    assert [p.split(": ", 1)[1] for p in check.problems] == [
+        "feature column 'size' holds 'big', not a number",
+        "feature column 'weight' holds 'inf'; features must be finite numbers",
+        *(f"label column 'kind' holds {v!r}, not a class index: tabular labels are {expected}"
+          for v in ("cat", "0.5", "2")),
+    ]
 
 
 @pytest.fixture

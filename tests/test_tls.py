@@ -2,9 +2,17 @@
 
 import datetime as dt
 import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import grpc
 import pytest
+import yaml
 
 from coordinator.service import serve
 from fedtrain.protocol import tls
@@ -15,7 +23,8 @@ from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol import fedtrain_pb2_grpc as pb_grpc
 from fedtrain.protocol.codec import PROTOCOL_VERSION
 
-from conftest import make_spec
+from conftest import eventually, make_spec
+from test_end_to_end import cli, write_policy
 
 
 @pytest.fixture
@@ -48,7 +57,8 @@ def secure(tmp_path, pki):
 
 
 def node_cert(pki, name, ca="ca", **kw):
-    return tls.issue(pki["dir"] / ca, "node", name, pki["dir"] / f"node-{name}", **kw)
+    """A node certificate for ``name``; a second one for the same name replaces the first on disk."""
+    return tls.issue(pki["dir"] / ca, "node", name, pki["dir"] / f"node-{name}", force=True, **kw)
 
 
 def register(stub, name, token=""):
@@ -139,14 +149,16 @@ def test_roles_and_node_ids_cannot_be_borrowed(pki, secure, shards):
     register(stub_b, "b", coord.registry.create_token("b", 3600))
     code, details = refused(lambda: stub_b.Poll(pb.PollRequest(node_id=id_a, wait_seconds=0), timeout=5))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "another certificate" in details
-    # An operator's certificate is not a node's, and a node's cannot submit jobs.
+    # An operator's certificate is not a node's, and a node's cannot submit or cancel jobs.
     code, details = refused(lambda: register(connect(pki["operator"]), "ops"))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "operator certificate" in details
     with CoordinatorClient(f"127.0.0.1:{port}", a) as client, pytest.raises(PermissionDenied, match="node certificate"):
         client.jobs()
     with CoordinatorClient(f"127.0.0.1:{port}", pki["operator"]) as client:
-        assert client.submit(make_spec())
+        job_id = client.submit(make_spec())
         assert len(client.jobs()) == 1
+    with CoordinatorClient(f"127.0.0.1:{port}", a) as client, pytest.raises(PermissionDenied, match="node certificate"):
+        client.cancel(job_id)
     with CoordinatorClient(f"127.0.0.1:{port}") as client, pytest.raises(Unavailable, match="--tls-dir"):
         client.jobs()
 
@@ -172,3 +184,90 @@ def test_tls_directories_are_checked_before_connecting(pki, tmp_path):
         tls.load_identity(d, "node")
     with pytest.raises(tls.TLSError, match="already holds a CA"):
         tls.init_ca(pki["dir"] / "ca")
+
+
+def test_certs_issue_replaces_a_live_certificate_only_with_force_and_takes_whole_days_only(pki):
+    live = node_cert(pki, "hospital-a")
+    out = pki["dir"] / "node-hospital-a"
+    issue = ["certs", "issue", "--ca-dir", str(pki["dir"] / "ca"), "--node", "hospital-a", "--out", str(out)]
+    refused = cli(*issue, check=False)
+    assert refused.returncode == 3 and refused.stdout == "", refused
+    assert f"{out / tls.CERT} and {out / tls.KEY} already exist" in refused.stderr and "--force" in refused.stderr
+    assert tls.load_identity(out, "node").fingerprint == live.fingerprint  # the live node keeps working
+    for command in ([*issue, "--force", "--days", "-1"], ["certs", "init", "--ca-dir", str(pki["dir"] / "new-ca"),
+                                                          "--days", "0"]):
+        bad = cli(*command, check=False)
+        assert bad.returncode == 2 and "Invalid value for '--days'" in bad.stderr, bad
+        assert "Traceback" not in bad.stderr + bad.stdout
+    assert not (pki["dir"] / "new-ca").exists()
+    replaced = cli(*issue, "--force")
+    assert tls.load_identity(out, "node").fingerprint != live.fingerprint
+    assert tls.load_identity(out, "node").fingerprint in replaced.stdout
+
+
+def test_job_submit_prints_only_the_job_id_on_stdout_and_warnings_and_errors_on_stderr(tmp_path):
+    server, port, coord = serve(tmp_path / "state", port=0)  # plaintext, as --insecure speaks
+    try:
+        good, bad = tmp_path / "job.yaml", tmp_path / "typo.yaml"
+        good.write_text(yaml.safe_dump(make_spec().model_dump(mode="json")))
+        bad.write_text(yaml.safe_dump({**make_spec().model_dump(mode="json"), "min_node": 2}))
+        submit = ["job", "submit", "--coordinator", f"127.0.0.1:{port}", "--insecure"]
+        out = cli(*submit, str(good))
+        with CoordinatorClient(f"127.0.0.1:{port}") as client:
+            assert out.stdout == f"{client.jobs()[0].job_id}\n"
+        assert "warning: --insecure: plaintext gRPC" in out.stderr
+        refused = cli(*submit, str(bad), check=False)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert "min_node: unknown key (did you mean min_nodes?)" in refused.stderr
+    finally:
+        coord.stop()
+        server.stop(0).wait()
+
+
+@pytest.mark.slow
+def test_a_node_gives_up_on_a_certificate_that_cannot_verify_but_waits_out_a_closed_port(pki, secure, tmp_path):
+    """Two real node processes: one holds certificates of another CA than the coordinator's, the
+    other dials a port where nothing listens. Both say at WARNING what is wrong and what to
+    check; only the first cannot mend by retrying, and exits with status 1 after --give-up-after."""
+    _, port, _ = secure
+    data = tmp_path / "data.csv"
+    data.write_text("a,y\n1.0,0\n")
+    policy = write_policy(tmp_path / "policy.yaml", max_epsilon=1.0)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused
+    nodes = {}
+    for name, address, ca in (("foreign", f"127.0.0.1:{port}", "other-ca"),
+                              ("patient", f"127.0.0.1:{closed.getsockname()[1]}", "ca")):
+        node_cert(pki, name, ca=ca)
+        log = (tmp_path / f"{name}.log").open("w")
+        nodes[name] = subprocess.Popen(
+            [sys.executable, "-m", "fedtrain", "node", "start", "--coordinator", address, "--data", str(data),
+             "--policy", str(policy), "--state-dir", str(tmp_path / name),
+             "--tls-dir", str(pki["dir"] / f"node-{name}"), "--give-up-after", "2"],
+            stdout=log, stderr=log, env={**os.environ, "COLUMNS": "200"}, start_new_session=True)
+
+    def warnings(name):
+        return [line for line in (tmp_path / f"{name}.log").read_text().splitlines() if " WARNING " in line]
+
+    try:
+        assert nodes["foreign"].wait(120) == 1
+        logged = (tmp_path / "foreign.log").read_text()
+        assert any("the coordinator's certificate did not verify (unable to get local issuer certificate)" in w
+                   and "ca.pem in this node's --tls-dir is the consortium's CA" in w for w in warnings("foreign"))
+        gave_up = re.search(r"error: gave up after (\d+) s: the TLS handshake with 127.0.0.1:\d+ failed", logged)
+        assert gave_up and 2 <= int(gave_up[1]) <= 12, logged  # within a retry (at most 10 s) of the limit
+        assert "Traceback" not in logged
+
+        refused = eventually(lambda: [w for w in warnings("patient") if "connection refused" in w],
+                             "the patient node's warning")
+        assert f"nothing listens at 127.0.0.1:{closed.getsockname()[1]} (connection refused)" in refused[0]
+        time.sleep(4)  # twice --give-up-after: an absent coordinator is waited for
+        assert nodes["patient"].poll() is None
+        os.killpg(nodes["patient"].pid, signal.SIGTERM)
+        assert nodes["patient"].wait(30) == 0
+    finally:
+        closed.close()
+        for proc in nodes.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -161,7 +161,7 @@ def test_text_files_in_csv_jsonl_and_parquet_read_the_same(minilm_digest, tmp_pa
             assert torch.equal(a, b)
     assert sets[0][2].tolist() == [1, 0, 1]
     write_texts(tmp_path / "bad.csv", texts, ["positive", "meh", "negative"])
-    with pytest.raises(SpecError, match=r"row 2: label 'meh' is not one of the job's classes"):
+    with pytest.raises(SpecError, match=r"row 2: label column 'label' holds 'meh', not one of the job's classes"):
         load_dataset(tmp_path / "bad.csv", spec)
 
 

@@ -63,6 +63,10 @@ class CoordinatorClient:
     def status(self, job_id: str) -> pb.JobStatus:
         return self._call(self._jobs.GetJob, pb.GetJobRequest(job_id=job_id))
 
+    def cancel(self, job_id: str) -> pb.JobStatus:
+        """Stop a waiting or running job; its status once it has stopped (NotReady if it had ended)."""
+        return self._call(self._jobs.CancelJob, pb.CancelJobRequest(job_id=job_id))
+
     def jobs(self) -> list[pb.JobStatus]:
         return list(self._call(self._jobs.ListJobs, pb.ListJobsRequest()).jobs)
 

@@ -103,6 +103,23 @@ def job_status(
             console.print(f"[yellow]{status.error}[/yellow]")
 
 
+@app.command("cancel")
+def job_cancel(
+    job_id: str,
+    coordinator: str = COORDINATOR,
+    tls_dir: Path = TLS_DIR,
+    insecure: bool = INSECURE,
+) -> None:
+    """Stop a waiting or running job: its round in progress is abandoned (its nodes charge no budget
+    for it), its nodes are told, and its rounds and report are kept. A job that has ended is an error."""
+    with _client(coordinator, tls_dir, insecure) as client:
+        status = client.cancel(job_id)
+    if status.state in ("waiting", "running"):  # still abandoning its round, or evaluating the last one
+        console.print(f"job {job_id} is stopping; `fedtrain job status {job_id}` shows when it has")
+    else:
+        console.print(f"job {job_id}: {status.state}" + (f" ({status.error})" if status.error else ""))
+
+
 @app.command("report")
 def job_report(
     job_id: str,

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from fedtrain.cli import audit, certs, jobs, models, simulate
-from fedtrain.console import console
+from fedtrain.console import err_console
 from fedtrain.errors import FedtrainError
 
 app = typer.Typer(help="fedtrain: federated training with DP-SGD on data that never leaves its owner.",
@@ -65,5 +65,5 @@ def main() -> None:
     try:
         app()
     except FedtrainError as err:  # the one place an error becomes an exit code
-        console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {err}")
         raise SystemExit(err.exit_code) from None

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from fedtrain.console import console
+from fedtrain.console import console, err_console
 
 
 def simulate_command(
@@ -39,8 +39,8 @@ def simulate_command(
 
     spec = load_job_spec(spec_path)
     if spec.secagg is not None:
-        console.print("note: the rehearsal aggregates in the clear; secure aggregation gives the same sum up to"
-                      " its quantization")
+        err_console.print("note: the rehearsal aggregates in the clear; secure aggregation gives the same sum up"
+                          " to its quantization")
     # Without --out, the partitions and Flower's log go to a scratch dir, kept only if something failed.
     work = out or Path(tempfile.mkdtemp(prefix="fedtrain-simulate-"))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -63,7 +63,7 @@ def simulate_command(
     console.print(table)
     for reason in sorted({reason for r in result.rounds for reason in r.failed}):
         rounds = ", ".join(str(r.round) for r in result.rounds if reason in r.failed)
-        console.print(f"[yellow]virtual nodes failed[/yellow] in round(s) {rounds}: {reason}", highlight=False)
+        err_console.print(f"[yellow]virtual nodes failed[/yellow] in round(s) {rounds}: {reason}", highlight=False)
     sizes = result.partition_sizes
     console.print(f"rows per node {min(sizes)}..{max(sizes)}; ε per node {min(result.epsilon):.3f}.."
                   f"{max(result.epsilon):.3f} of the job's {spec.privacy.epsilon} (δ={spec.privacy.delta});"
@@ -83,10 +83,10 @@ def simulate_command(
         console.print(f"written: {out / 'simulation.json'}")
     given_up = [r for r in result.rounds if r.given_up]
     if given_up:
-        console.print(f"[red]global model unchanged in round(s) {', '.join(str(r.round) for r in given_up)}:[/red]"
-                      f" fewer than min_nodes={spec.min_nodes} results", highlight=False)
+        err_console.print(f"[red]global model unchanged in round(s) {', '.join(str(r.round) for r in given_up)}:[/red]"
+                          f" fewer than min_nodes={spec.min_nodes} results", highlight=False)
     if given_up or any(r.failed for r in result.rounds):
-        console.print(f"Flower's log, with each failure's traceback: {work / 'flower.log'}", highlight=False)
+        err_console.print(f"Flower's log, with each failure's traceback: {work / 'flower.log'}", highlight=False)
     elif out is None:
         shutil.rmtree(work)
     if len(given_up) == len(result.rounds) or (audited is not None and audited.verdict != "consistent"):

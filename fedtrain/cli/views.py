@@ -12,7 +12,7 @@ from fedtrain.protocol import fedtrain_pb2 as pb
 from fedtrain.protocol.codec import decode_values
 from fedtrain.spec import job_spec_from_json
 
-DONE_STATES = ("finished", "failed")
+DONE_STATES = ("finished", "failed", "cancelled")
 
 
 def status_table(status: pb.JobStatus) -> Table:
@@ -20,6 +20,9 @@ def status_table(status: pb.JobStatus) -> Table:
     secure = job_spec_from_json(status.spec_json).secagg is not None if status.spec_json else False
     aggregation = "secure aggregation (SecAgg+)" if secure else "aggregated in the clear"
     table = Table(title=f"job {status.job_id} ({status.name}): {status.state}, {aggregation}")
+    if status.approval_wait_seconds:
+        table.caption = (f"before round 1, {status.approval_wait_seconds:.1f} s waiting for nodes to accept the job"
+                         " (owners' approvals included)")
     # accuracy and loss for classification, loss and perplexity for causal-lm
     keys = sorted({k for r in status.rounds for k in r.metrics})
     for col in ("round", *keys, "nodes ok", "seconds", "epsilon per node"):

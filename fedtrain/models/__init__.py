@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtrain.data import DataCheck
+from fedtrain.sources import DataSource
 from fedtrain.models import tabular, transformer
 from fedtrain.protocol.codec import TensorInfo, manifest_of
 from fedtrain.spec import JobSpec
@@ -42,8 +42,9 @@ def build_model(spec: JobSpec, seed: int = 0) -> nn.Module:
         return transformer.build(spec) if _is_transformer(spec) else tabular.build(spec)
 
 
-def load_dataset(path: str | Path, spec: JobSpec, check: DataCheck | None = None) -> TensorDataset:
-    """A local data file as tensors (text is tokenised here, on the machine that holds it).
+def load_dataset(path: DataSource | str, spec: JobSpec, check: DataCheck | None = None) -> TensorDataset:
+    """A node's table (a local file or a database) as tensors (text is tokenised here, on the
+    machine that holds it).
 
     Without ``check`` the first bad row raises; a node reads its own data with one, which
     skips bad rows and notes them for the owner (see ``fedtrain.data.DataCheck``).

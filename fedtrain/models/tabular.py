@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedtrain.data import DataCheck, load_table
+from fedtrain.sources import DataSource
 from fedtrain.spec import JobSpec
 
 
@@ -21,7 +20,7 @@ def build(spec: JobSpec) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def load_dataset(path: str | Path, spec: JobSpec, check: DataCheck | None = None) -> TensorDataset:
-    """(features, labels) of a local CSV table."""
+def load_dataset(path: DataSource | str, spec: JobSpec, check: DataCheck | None = None) -> TensorDataset:
+    """(features, labels) of a node's table."""
     table = load_table(path, spec.data, spec.model.num_classes, check)
     return TensorDataset(torch.from_numpy(table.features), torch.from_numpy(table.labels))

@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 from fedtrain.data import DataCheck, PairTable, load_pairs, load_text, note_problem
 from fedtrain.errors import BaseModelMismatch, FedtrainError, SpecError
 from fedtrain.models.gguf import GGUF_PACKAGES, package_model
+from fedtrain.sources import DataSource
 from fedtrain.spec import JobSpec
 
 # Model packages a job may name as ``package:NAME``: the node imports only these,
@@ -166,8 +167,8 @@ def build(spec: JobSpec) -> nn.Module:
         raise SpecError(f"adapter does not fit base model {spec.model.base!r}: {err}") from None
 
 
-def load_dataset(path: str | Path, spec: JobSpec, check: DataCheck | None = None) -> TensorDataset:
-    """Tokenise a local text file: (input_ids, attention_mask[, labels]), or for instruction
+def load_dataset(path: DataSource | str, spec: JobSpec, check: DataCheck | None = None) -> TensorDataset:
+    """Tokenise a node's text table: (input_ids, attention_mask[, labels]), or for instruction
     tuning (input_ids, attention_mask, response_mask)."""
     if spec.task == "instruction-tuning":
         return _instruction_dataset(load_pairs(path, spec.data, check), spec, check)

@@ -10,7 +10,10 @@ gradients and no noise.
 
 from __future__ import annotations
 
+import functools
+import logging
 import secrets
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +31,8 @@ from fedtrain.protocol.codec import manifest_of
 from fedtrain.privacy.accounting import RoundPlan
 from fedtrain.spec import JobSpec
 from fedtrain.node.training import make_optimizer, run_epochs
+
+log = logging.getLogger("fedtrain.node")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,20 @@ def _poisson_loader(dataset: TensorDataset, sample_rate: float) -> DataLoader:
         return default_collate(rows) if rows else empty
 
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+
+@functools.cache
+def _explain_known_warnings() -> None:
+    """Opacus and torch warn about two things in every round that are understood here: silence
+    exactly those two, and say once per process, in our words, why."""
+    warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, message="Full backward hook is firing when gradients are"
+                            " computed with respect to module outputs since no inputs require gradients")
+    log.warning("Opacus's secure RNG is off (its secure_mode needs torchcsprng, which has no build for this torch):"
+                " DP noise and batch sampling come from torch generators seeded from the OS CSPRNG every round"
+                " (SECURITY.md)")
+    log.info("torch's 'full backward hook is firing' warning is silenced: it says that no input needs a gradient,"
+             " and none does (the inputs are data); Opacus's per-example gradients use the layers' output gradients")
 
 
 def grad_sample_mode(spec: JobSpec) -> str:
@@ -88,6 +107,7 @@ def train_private(model: nn.Module, dataset: TensorDataset, spec: JobSpec, plan:
     proximal_mu = float(spec.strategy.params.get("proximal_mu", 0.0)) if spec.strategy.name == "fedprox" else 0.0
     mode = grad_sample_mode(spec)
     ghost = mode == "ghost"
+    _explain_known_warnings()
     # Noise and batch sampling must be unpredictable. Opacus's secure_mode needs torchcsprng
     # (no build for this torch), so both RNGs are seeded from the OS's CSPRNG instead;
     # the Poisson sampler draws from the process's RNG, forked so that no caller's RNG moves.

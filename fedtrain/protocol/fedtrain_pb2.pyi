@@ -96,13 +96,23 @@ class TaskHeader(_message.Message):
     spec_json: str
     def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., message_type: _Optional[str] = ..., config: _Optional[_Mapping[str, Value]] = ..., secagg: _Optional[_Union[SecAggRequest, _Mapping]] = ..., spec_json: _Optional[str] = ...) -> None: ...
 
+class JobEnded(_message.Message):
+    __slots__ = ("job_id", "state")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
 class PollReply(_message.Message):
-    __slots__ = ("offer", "task")
+    __slots__ = ("offer", "task", "ended")
     OFFER_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
     offer: JobOffer
     task: TaskHeader
-    def __init__(self, offer: _Optional[_Union[JobOffer, _Mapping]] = ..., task: _Optional[_Union[TaskHeader, _Mapping]] = ...) -> None: ...
+    ended: JobEnded
+    def __init__(self, offer: _Optional[_Union[JobOffer, _Mapping]] = ..., task: _Optional[_Union[TaskHeader, _Mapping]] = ..., ended: _Optional[_Union[JobEnded, _Mapping]] = ...) -> None: ...
 
 class OfferAnswer(_message.Message):
     __slots__ = ("node_id", "job_id", "decision", "reason")
@@ -133,6 +143,12 @@ class FetchRequest(_message.Message):
     node_id: int
     task_id: str
     def __init__(self, node_id: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class TaskState(_message.Message):
+    __slots__ = ("open",)
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    open: bool
+    def __init__(self, open: _Optional[bool] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
     __slots__ = ("node_id", "task_id", "metrics", "refusal", "secagg")
@@ -273,6 +289,12 @@ class Reveal(_message.Message):
     key_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
     def __init__(self, seed_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., key_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
 
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec_json",)
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -346,7 +368,7 @@ class RoundStatus(_message.Message):
     def __init__(self, round: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wall_seconds: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeRoundResult, _Mapping]]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "name", "state", "error", "rounds_total", "nodes", "rounds", "spec_json", "report_path")
+    __slots__ = ("job_id", "name", "state", "error", "rounds_total", "nodes", "rounds", "spec_json", "report_path", "approval_wait_seconds")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +378,7 @@ class JobStatus(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: str
@@ -365,7 +388,8 @@ class JobStatus(_message.Message):
     rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
     spec_json: str
     report_path: str
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., rounds_total: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeJobState, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., spec_json: _Optional[str] = ..., report_path: _Optional[str] = ...) -> None: ...
+    approval_wait_seconds: float
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., rounds_total: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeJobState, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., spec_json: _Optional[str] = ..., report_path: _Optional[str] = ..., approval_wait_seconds: _Optional[float] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ()

@@ -62,6 +62,11 @@ class NodeServiceStub:
                 request_serializer=fedtrain_dot_protocol_dot_fedtrain__pb2.ResultPart.SerializeToString,
                 response_deserializer=fedtrain_dot_protocol_dot_fedtrain__pb2.Ack.FromString,
                 _registered_method=True)
+        self.TaskOpen = channel.unary_unary(
+                '/fedtrain.v1.NodeService/TaskOpen',
+                request_serializer=fedtrain_dot_protocol_dot_fedtrain__pb2.FetchRequest.SerializeToString,
+                response_deserializer=fedtrain_dot_protocol_dot_fedtrain__pb2.TaskState.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -106,6 +111,15 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TaskOpen(self, request, context):
+        """Whether the coordinator still waits for a task's result. A node asks after training and
+        before charging its ledger: a round closed meanwhile (its job cancelled, its deadline
+        passed) costs no budget, and its update is never sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +147,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.SubmitResult,
                     request_deserializer=fedtrain_dot_protocol_dot_fedtrain__pb2.ResultPart.FromString,
                     response_serializer=fedtrain_dot_protocol_dot_fedtrain__pb2.Ack.SerializeToString,
+            ),
+            'TaskOpen': grpc.unary_unary_rpc_method_handler(
+                    servicer.TaskOpen,
+                    request_deserializer=fedtrain_dot_protocol_dot_fedtrain__pb2.FetchRequest.FromString,
+                    response_serializer=fedtrain_dot_protocol_dot_fedtrain__pb2.TaskState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -283,6 +302,33 @@ class NodeService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def TaskOpen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtrain.v1.NodeService/TaskOpen',
+            fedtrain_dot_protocol_dot_fedtrain__pb2.FetchRequest.SerializeToString,
+            fedtrain_dot_protocol_dot_fedtrain__pb2.TaskState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class JobServiceStub:
     """---------------------------------------------------------------------------
@@ -315,6 +361,11 @@ class JobServiceStub:
                 '/fedtrain.v1.JobService/FetchModel',
                 request_serializer=fedtrain_dot_protocol_dot_fedtrain__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=fedtrain_dot_protocol_dot_fedtrain__pb2.TensorChunk.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/fedtrain.v1.JobService/CancelJob',
+                request_serializer=fedtrain_dot_protocol_dot_fedtrain__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=fedtrain_dot_protocol_dot_fedtrain__pb2.JobStatus.FromString,
                 _registered_method=True)
 
 
@@ -349,6 +400,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """Stop a waiting or running job: its round in progress is abandoned, its nodes are told,
+        its rounds and report are kept. Answers the job's status once it has stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -371,6 +430,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.FetchModel,
                     request_deserializer=fedtrain_dot_protocol_dot_fedtrain__pb2.GetJobRequest.FromString,
                     response_serializer=fedtrain_dot_protocol_dot_fedtrain__pb2.TensorChunk.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=fedtrain_dot_protocol_dot_fedtrain__pb2.CancelJobRequest.FromString,
+                    response_serializer=fedtrain_dot_protocol_dot_fedtrain__pb2.JobStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -484,6 +548,33 @@ class JobService:
             '/fedtrain.v1.JobService/FetchModel',
             fedtrain_dot_protocol_dot_fedtrain__pb2.GetJobRequest.SerializeToString,
             fedtrain_dot_protocol_dot_fedtrain__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtrain.v1.JobService/CancelJob',
+            fedtrain_dot_protocol_dot_fedtrain__pb2.CancelJobRequest.SerializeToString,
+            fedtrain_dot_protocol_dot_fedtrain__pb2.JobStatus.FromString,
             options,
             channel_credentials,
             insecure,

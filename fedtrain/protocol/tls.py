@@ -103,15 +103,22 @@ def init_ca(ca_dir: Path, name: str = "fedtrain consortium CA", days: int = 3650
 
 
 def issue(ca_dir: Path, role: str, name: str, out_dir: Path, *, days: int = 365,
-          hosts: tuple[str, ...] = DEFAULT_HOSTS, not_before: dt.datetime | None = None) -> Identity:
+          hosts: tuple[str, ...] = DEFAULT_HOSTS, not_before: dt.datetime | None = None,
+          force: bool = False) -> Identity:
     """Issue a certificate for ``name`` in ``role``, writing ca.pem, cert.pem and key.pem to ``out_dir``.
 
     A coordinator certificate names the ``hosts`` nodes dial (DNS names or IP addresses).
+    An existing certificate or key there is replaced only with ``force``.
     """
     if role not in ROLES:
         raise TLSError(f"role {role!r} is not one of {', '.join(ROLES)}")
     if not (0 < len(name) <= 128 and name.replace("-", "").replace("_", "").replace(".", "").isalnum()):
         raise TLSError(f"name {name!r} must be 1-128 of [A-Za-z0-9_.-]")
+    existing = [str(out_dir / f) for f in (CERT, KEY) if (out_dir / f).exists()]
+    if existing and not force:
+        # They may be a running party's identity: replacing them would lock it out.
+        raise TLSError(f"{' and '.join(existing)} already exist; whoever uses them would be locked out until"
+                       " given the new ones. Choose another --out, or pass --force to replace them")
     try:
         ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())

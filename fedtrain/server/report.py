@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import io
 import json
+from itertools import cycle
 from pathlib import Path
 
 from fedtrain.protocol import fedtrain_pb2 as pb
@@ -52,7 +53,9 @@ def job_report(status: pb.JobStatus, audit: dict | None = None, examples: list[d
                 "spec_sha256": spec.digest(), "task": spec.task, "model": spec.model.kind,
                 "strategy": spec.strategy.name, "secure_aggregation": spec.secagg is not None,
                 "rounds": spec.training.rounds, "min_nodes": spec.min_nodes,
-                "epsilon": spec.privacy.epsilon, "delta": spec.privacy.delta},
+                "epsilon": spec.privacy.epsilon, "delta": spec.privacy.delta,
+                # Not in round 1's wall_seconds: the wait for nodes to accept, owners' approvals included.
+                "approval_wait_seconds": status.approval_wait_seconds},
         "rounds": rounds,
         "nodes": nodes,
         "audit": audit,
@@ -60,66 +63,103 @@ def job_report(status: pb.JobStatus, audit: dict | None = None, examples: list[d
     }
 
 
-def _svg(fig) -> str:
-    import matplotlib.pyplot as plt
+def _laid_out(fig):
+    """``fig`` with whole rounds on its round axes, laid out as it is drawn."""
     from matplotlib.ticker import MaxNLocator
 
     for ax in fig.axes:
         if ax.get_xlabel() == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    buf = io.StringIO()
     fig.tight_layout()
+    return fig
+
+
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
     fig.savefig(buf, format="svg")
     plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]  # inline: no XML prolog or doctype
 
 
-def _figures(report: dict) -> list[tuple[str, str]]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def evaluation_figure(report: dict):
+    plt = _pyplot()
     rounds = report["rounds"]
-    xs = [r["round"] for r in rounds]
-    figures = []
     keys = sorted({k for r in rounds for k in r["metrics"]})
     fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        ax.plot(xs, [r["metrics"].get(key, float("nan")) for r in rounds], marker="o")
+        ax.plot([r["round"] for r in rounds], [r["metrics"].get(key, float("nan")) for r in rounds], marker="o")
         ax.set_xlabel("round")
         ax.set_title(key)
     if not keys:
         axes[0][0].text(0.5, 0.5, "no evaluation data in the job", ha="center", va="center")
-    figures.append(("Global model on the coordinator's evaluation data", _svg(fig)))
+    return _laid_out(fig)
 
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 4 else f"{names[0]}, …, {names[-1]} ({len(names)} nodes)"
+
+
+def privacy_figure(report: dict):
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
+    # Nodes of the same size spend the same ε each round, and their lines would hide one
+    # another: one line for each distinct series, labelled with every node on it; and a
+    # marker and line style of its own for each, for series that nearly coincide.
+    series: dict[tuple, list[str]] = {}
     for name, node in sorted(report["nodes"].items()):
-        points = sorted((int(r), e) for r, e in node["epsilon"].items())
+        points = tuple(sorted((int(r), round(e, 6)) for r, e in node["epsilon"].items()))
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            series.setdefault(points, []).append(name)
+    styles = cycle([(m, ls) for ls in ("-", "--", ":", "-.") for m in "os^Dv"])
+    for (points, names), (marker, linestyle) in zip(series.items(), styles):
+        ax.plot([r for r, _ in points], [e for _, e in points], marker=marker, linestyle=linestyle,
+                label=_names(names))
     ax.axhline(report["job"]["epsilon"], color="gray", linestyle="--", label="job's ε")
     ax.set_xlabel("round")
     ax.set_ylabel(f"ε (δ={report['job']['delta']:g})")
-    ax.legend(loc="lower right", fontsize="small")
-    figures.append(("Privacy spent per node, against the job's ε", _svg(fig)))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # beside the lines, never on them
+    return _laid_out(fig)
 
-    trained = [r for r in rounds if r["round"]]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+
+def participation_figure(report: dict):
+    plt = _pyplot()
+    trained = [r for r in report["rounds"] if r["round"]]
+    min_nodes = report["job"]["min_nodes"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     tx = [r["round"] for r in trained]
     ok = [len(r["nodes_ok"]) for r in trained]
+    refused = [len(r["nodes_refused"]) for r in trained]
     axes[0].bar(tx, ok, label="results")
-    axes[0].bar(tx, [len(r["nodes_refused"]) for r in trained], bottom=ok, label="refused or rejected")
-    axes[0].axhline(report["job"]["min_nodes"], color="gray", linestyle="--", label="min_nodes")
+    axes[0].bar(tx, refused, bottom=ok, label="refused or rejected")
+    axes[0].axhline(min_nodes, color="gray", linestyle="--", label="min_nodes")
+    # Room above the tallest bar and the min_nodes line, which would otherwise sit on the frame.
+    axes[0].set_ylim(0, max([min_nodes, *(a + b for a, b in zip(ok, refused))]) + 1)
+    axes[0].yaxis.get_major_locator().set_params(integer=True)  # whole nodes
     axes[0].set_title("nodes per round")
-    axes[0].legend(fontsize="small", loc="lower left")
+    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, fontsize="small")  # below the bars
     axes[1].bar(tx, [r["bytes_received"] / 1024 for r in trained])
     axes[1].set_title("KiB received per round")
     for ax in axes:
         ax.set_xlabel("round")
-    figures.append(("Participation and traffic", _svg(fig)))
-    return figures
+    return _laid_out(fig)
+
+
+def _figures(report: dict) -> list[tuple[str, str]]:
+    return [("Global model on the coordinator's evaluation data", _svg(evaluation_figure(report))),
+            ("Privacy spent per node, against the job's ε", _svg(privacy_figure(report))),
+            ("Participation and traffic", _svg(participation_figure(report)))]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -130,9 +170,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def render_html(report: dict) -> str:
     job = report["job"]
-    summary = _table(["job", "state", "task / model", "strategy", "secure aggregation", "rounds", "ε, δ per node"], [[
+    summary = _table(["job", "state", "task / model", "strategy", "secure aggregation", "rounds", "ε, δ per node",
+                      "seconds waiting for nodes to accept (before round 1)"], [[
         f"{job['id']} ({job['name']})", job["state"], f"{job['task']} / {job['model']}", job["strategy"],
         "on" if job["secure_aggregation"] else "off", str(job["rounds"]), f"{job['epsilon']:g}, {job['delta']:g}",
+        f"{job['approval_wait_seconds']:.1f}",
     ]])
     keys = sorted({k for r in report["rounds"] for k in r["metrics"]})
     per_round = _table(["round", *keys, "nodes ok", "refused", "KiB received", "seconds"], [
